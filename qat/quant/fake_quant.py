@@ -1,0 +1,199 @@
+"""`FakeQuantizer`: quantize-dequantize with straight-through gradients (STE, LSQ, LSQ+, PACT)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from qat.quant import grid
+from qat.quant.observers import build_observer
+from qat.quant.spec import QuantSpec
+
+
+class _FakeQuant(torch.autograd.Function):
+    """`(clamp(round(x / s) + z, qmin, qmax) - z) * s` on a `(*P, R)` view in one fused pass.
+
+    Gradients: clipped STE for `x` (1 where the unclamped code lies in `[qmin, qmax]`, clamp
+    boundaries included); for a learned scale, LSQ's `round(x/s) - x/s` inside and `q - z`
+    outside (`mode="lsq"`) or the outside term alone (`mode="pact"`), times `grad_factor`;
+    for a learned zero point, `-s` outside.
+    """
+
+    @staticmethod
+    def forward(ctx, v, scale, zp, qmin, qmax, mode, grad_factor):  # noqa: D102
+        s = scale[..., None]
+        xs = v / s
+        qu = torch.round(xs)
+        if zp is not None:
+            qu += zp[..., None]
+        q = qu.clamp(qmin, qmax)
+        # Float mask (bool ops are several times slower on CPU): both are integer-valued, so
+        # |qu - q| is 0 inside the grid and >= 1 outside.
+        mask = qu.sub_(q).abs_().clamp_(max=1.0).neg_().add_(1.0)
+        out = q if zp is None else q.sub_(zp[..., None])
+        ds = None
+        if mode != "ste" and ctx.needs_input_grad[1]:
+            # LSQ: round(x/s) - x/s inside (= out - x/s there), q - z outside; PACT: q - z outside.
+            ds = out - xs.mul_(mask) if mode == "lsq" else out * (1.0 - mask)
+        ctx.grad_factor = grad_factor
+        ctx.save_for_backward(mask, ds, scale)
+        return out * s
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: D102
+        mask, ds, scale = ctx.saved_tensors
+        gx = g * mask if ctx.needs_input_grad[0] else None
+        gs = gz = None
+        if ds is not None:
+            gs = (g * ds).sum(-1) * ctx.grad_factor
+        if ctx.needs_input_grad[2]:
+            gz = (g * mask - g).sum(-1) * scale * ctx.grad_factor
+        return gx, gs, gz, None, None, None, None
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    spec: QuantSpec,
+    mode: str = "ste",
+    grad_factor: float = 1.0,
+) -> torch.Tensor:
+    """Functional fake quant of `x` with scales of `grid.param_shape(spec, x.shape)`."""
+    v = grid.to_view(x, spec)
+    out = _FakeQuant.apply(v, scale, zero_point, spec.qmin, spec.qmax, mode, grad_factor)
+    return grid.from_view(out, spec, x.shape)
+
+
+def _ste(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """`target` in the forward pass, gradient of identity to `value`."""
+    return value + (target - value).detach()
+
+
+class FakeQuantizer(nn.Module):
+    """Fake-quantizes one tensor (a weight or an activation) under a `QuantSpec`.
+
+    Three switches live in `state_dict` with the scales and observer statistics:
+    `observer_enabled`, `fake_quant_enabled`, `calibrated`. While calibrating (observer on, fake
+    quant off) it observes and passes `x` through. A learned scale (LSQ, LSQ+, PACT) is set from
+    the observer only until fake quant starts; from then on the optimizer owns it.
+
+    Example:
+        >>> fq = FakeQuantizer(QuantSpec(bits=4, learn="lsq"), role="input")
+        >>> _ = fq(torch.randn(16, 8))      # calibrates, fake quant on by default
+        >>> fq(torch.zeros(2)).abs().max().item()
+        0.0
+    """
+
+    def __init__(
+        self,
+        spec: QuantSpec,
+        role: str = "input",
+        shape: tuple[int, ...] | None = None,
+        name: str = "",
+    ) -> None:
+        super().__init__()
+        spec.check_role(role)
+        self.spec, self.role, self.name = spec, role, name
+        if spec.granularity != "per_tensor" and not spec.dynamic:
+            if shape is None:
+                raise ValueError(f"{spec.path}: {spec.granularity} needs the tensor's shape")
+            spec.check_shape(tuple(shape))
+        self.tensor_shape = tuple(shape) if shape is not None else None
+        pshape = () if spec.dynamic else grid.param_shape(spec, tuple(shape or ()))
+        self.register_buffer("fake_quant_enabled", torch.tensor(True))
+        self.register_buffer("observer_enabled", torch.tensor(True))
+        self.register_buffer("calibrated", torch.tensor(False))
+        if spec.dynamic:
+            self.observer = None
+            return
+        self.observer = build_observer(spec, pshape, role, name=name)
+        scale = torch.ones(pshape)
+        if spec.learn == "pact":
+            self.clip = nn.Parameter(scale * self._pact_levels())
+        elif spec.learn in ("lsq", "lsq_plus"):
+            self.scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("scale", scale)
+        zp = torch.full(pshape, float(spec.qmin if not spec.symmetric else 0))
+        if spec.learn == "lsq_plus":
+            self.zero_point = nn.Parameter(zp)
+        else:
+            self.register_buffer("zero_point", zp)
+
+    def _pact_levels(self) -> float:
+        q = self.spec
+        return (q.qmax - q.qmin) / 2 if q.symmetric else float(q.qmax - q.qmin)
+
+    @property
+    def learned(self) -> bool:
+        return self.spec.learn != "none"
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        """Update the observer and the scales from `x` (no fake quant)."""
+        self.observer(x)
+        scale, zp = self.observer.qparams()
+        if self.spec.learn == "pact":
+            # PACT clips at the observed range: [-a, a] symmetric, [0, a] otherwise.
+            amax = self.observer.max_val.clamp(min=0)
+            if self.spec.symmetric:
+                amax = torch.maximum(amax, -self.observer.min_val)
+            levels = self._pact_levels()
+            self.clip.copy_(grid.finalize_scale(amax / levels, self.spec) * levels)
+        else:
+            self.scale.copy_(scale)
+            self.zero_point.copy_(zp)
+        self.calibrated.fill_(True)
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scale and integer zero point the forward pass uses (fp32), with gradients."""
+        spec = self.spec
+        if spec.learn == "pact":
+            s = self.clip.clamp(min=grid.FP32_EPS) / self._pact_levels()
+        else:
+            s = self.scale.clamp(min=grid.FP32_EPS) if self.learned else self.scale
+        if spec.scale_dtype == "fp16" and self.learned:
+            s = _ste(s, grid.finalize_scale(s.detach(), spec))
+        zp = self.zero_point
+        if spec.learn == "lsq_plus":
+            zp = _ste(zp, zp.detach().round().clamp(spec.qmin, spec.qmax))
+        return s, zp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spec = self.spec
+        if spec.dynamic:
+            if not self.fake_quant_enabled:
+                return x
+            s, z = grid.dynamic_qparams(x, spec)
+            return fake_quantize(x, s, None if spec.symmetric else z, spec)
+        owned_by_optimizer = self.learned and self.fake_quant_enabled and self.calibrated
+        if self.observer_enabled and not owned_by_optimizer:
+            self.observe(x)
+        if not self.fake_quant_enabled:
+            return x
+        if not self.calibrated:
+            raise RuntimeError(
+                f"quantizer {self.name or '?'} ({self.role}) has never observed data and its "
+                "observer is off: run calibration (observers on) before enabling fake quant"
+            )
+        s, zp = self.qparams()
+        if spec.learn == "pact":
+            mode, factor = "pact", 1.0
+        elif self.learned:
+            n = grid.to_view(x, spec).shape[-1]
+            mode, factor = "lsq", 1.0 / math.sqrt(n * spec.qmax)
+        else:
+            mode, factor = "ste", 1.0
+        use_zp = zp if (not spec.symmetric or spec.learn == "lsq_plus") else None
+        return fake_quantize(x, s.to(x.dtype), use_zp, spec, mode, factor)
+
+    def extra_repr(self) -> str:
+        flags = [
+            f"fq={'on' if self.fake_quant_enabled else 'off'}",
+            f"obs={'on' if self.observer_enabled else 'off'}",
+            f"calibrated={'yes' if self.calibrated else 'no'}",
+        ]
+        return f"{self.role}: {self.spec.describe()}, " + " ".join(flags)

@@ -1,0 +1,106 @@
+"""The numerics contract in one place: layouts, scale/zero-point rules, quantize/dequantize.
+
+Every quantized tensor is viewed as `(*P, R)`: `P` is the shape of its scales (`()` per tensor,
+`(C,)` per channel, `(rows, groups)` per group, `(*lead,)` per token) and `R` the elements that
+share one scale. Training, export and the integer executor all go through these functions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qat.quant.spec import QuantSpec
+
+FP32_EPS = torch.finfo(torch.float32).eps
+# Smallest normal fp16: a smaller fp16 scale would be subnormal and lose precision.
+FP16_TINY = float(torch.finfo(torch.float16).tiny)
+
+
+def param_shape(spec: QuantSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of the scale tensor for a tensor of `shape` under `spec` (static granularities)."""
+    if spec.granularity == "per_tensor":
+        return ()
+    if spec.granularity == "per_channel":
+        return (shape[spec.axis],)
+    if spec.granularity == "per_group":
+        cols = 1
+        for s in shape[1:]:
+            cols *= s
+        return (shape[0], cols // spec.group_size)
+    return tuple(shape[:-1])  # per_token
+
+
+def to_view(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Reshape `x` to `(*P, R)` (a view where the memory layout allows)."""
+    g = spec.granularity
+    if g == "per_tensor":
+        return x.reshape(-1)
+    if g == "per_channel":
+        return x.movedim(spec.axis, 0).reshape(x.shape[spec.axis], -1)
+    if g == "per_group":
+        return x.reshape(x.shape[0], -1, spec.group_size)
+    return x  # per_token: the last dim is R already
+
+
+def from_view(v: torch.Tensor, spec: QuantSpec, shape: torch.Size) -> torch.Tensor:
+    """Inverse of `to_view`."""
+    if spec.granularity == "per_channel" and spec.axis % len(shape) != 0:
+        axis = spec.axis % len(shape)
+        moved = (shape[axis],) + tuple(s for i, s in enumerate(shape) if i != axis)
+        return v.reshape(moved).movedim(0, axis)
+    return v.reshape(shape)
+
+
+def finalize_scale(scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Floor at eps and, for `scale_dtype: fp16`, round to fp16 (training sees the stored value)."""
+    if spec.scale_dtype == "fp16":
+        return scale.clamp(min=FP16_TINY, max=65504.0).half().float()
+    return scale.clamp(min=FP32_EPS)
+
+
+def qparams_from_range(
+    min_val: torch.Tensor, max_val: torch.Tensor, spec: QuantSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and (integer-valued, fp32) zero point from observed ranges, per the contract.
+
+    Symmetric: `s = amax / ((qmax - qmin) / 2)`, `z = 0`. Asymmetric: the range is widened to
+    include 0, `s = (max - min) / (qmax - qmin)`, `z = qmin - round(min / s)` clamped to the grid.
+    """
+    qmin, qmax = spec.qrange
+    min_neg = torch.clamp(min_val.float(), max=0.0)
+    max_pos = torch.clamp(max_val.float(), min=0.0)
+    if spec.symmetric:
+        amax = torch.maximum(-min_neg, max_pos)
+        scale = finalize_scale(amax / ((qmax - qmin) / 2), spec)
+        return scale, torch.zeros_like(scale)
+    scale = finalize_scale((max_pos - min_neg) / (qmax - qmin), spec)
+    zp = torch.clamp(qmin - torch.round(min_neg / scale), qmin, qmax)
+    return scale, zp
+
+
+def quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec
+) -> torch.Tensor:
+    """Integer codes (as an integer-valued float tensor) of `x`, same shape as `x`.
+
+    `q = clamp(round_half_even(x / s) + z, qmin, qmax)`: division, not multiply by `1/s`, so
+    ONNX QuantizeLinear gives the same integers.
+    """
+    v = to_view(x, spec)
+    q = torch.round(v / scale[..., None]) + zero_point[..., None]
+    return from_view(q.clamp_(spec.qmin, spec.qmax), spec, x.shape)
+
+
+def dequantize(
+    q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec
+) -> torch.Tensor:
+    """`(q - z) * s` in fp32, same shape as `q`."""
+    v = to_view(q.float(), spec)
+    return from_view((v - zero_point[..., None]) * scale[..., None], spec, q.shape)
+
+
+def dynamic_qparams(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-call min/max scales for dynamic quantization (per token or per tensor)."""
+    v = to_view(x.detach(), spec)
+    mn, mx = torch.aminmax(v, dim=-1)
+    return qparams_from_range(mn, mx, spec)

@@ -1,0 +1,152 @@
+"""Fake-quant layers: subclasses of the float layers that share their parameters.
+
+`forward` is: fake-quantize the input, fake-quantize the weight, call the functional op,
+fake-quantize the output. A quantizer that the recipe does not ask for is absent (`None`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qat.quant.fake_quant import FakeQuantizer
+from qat.quant.spec import QuantSpec
+
+
+class QATMixin:
+    """Adds `weight_quant`, `input_quant`, `output_quant` to a float layer."""
+
+    weight_quant: FakeQuantizer | None
+    input_quant: FakeQuantizer | None
+    output_quant: FakeQuantizer | None
+    FLOAT_TYPE: type[nn.Module]
+
+    @classmethod
+    def from_float(
+        cls,
+        mod: nn.Module,
+        weight: QuantSpec | None = None,
+        input: QuantSpec | None = None,  # noqa: A002 - the recipe's key
+        output: QuantSpec | None = None,
+        name: str = "",
+    ) -> nn.Module:
+        """A fake-quant copy of `mod` sharing its parameters and buffers (same objects)."""
+        if isinstance(mod, QATMixin):
+            raise ValueError(f"{name or type(mod).__name__} is already prepared for QAT")
+        new = cls.__new__(cls)
+        new.__dict__ = dict(mod.__dict__)
+        for key in ("_parameters", "_buffers", "_modules"):
+            new.__dict__[key] = dict(mod.__dict__[key])
+        new._init_quantizers(weight, input, output, name)
+        return new
+
+    def _init_quantizers(self, weight, input, output, name):  # noqa: A002
+        self.qat_name = name
+        w_shape = tuple(self.weight.shape)
+        self.weight_quant = self._make(weight, "weight", w_shape, f"{name}.weight_quant")
+        self.input_quant = self._make(input, "input", None, f"{name}.input_quant")
+        self.output_quant = self._make(output, "output", None, f"{name}.output_quant")
+
+    @staticmethod
+    def _make(spec, role, shape, name):
+        return None if spec is None else FakeQuantizer(spec, role=role, shape=shape, name=name)
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The weight the forward pass uses (fake-quantized when a weight spec is set)."""
+        w = self.weight
+        return w if self.weight_quant is None else self.weight_quant(w)
+
+    def _qin(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.input_quant is None else self.input_quant(x)
+
+    def _qout(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.output_quant is None else self.output_quant(y)
+
+    def to_float(self) -> nn.Module:
+        """The float layer again, sharing parameters (quantizers dropped)."""
+        new = self.FLOAT_TYPE.__new__(self.FLOAT_TYPE)
+        new.__dict__ = dict(self.__dict__)
+        new._modules = {
+            k: v
+            for k, v in self._modules.items()
+            if k not in ("weight_quant", "input_quant", "output_quant")
+        }
+        return new
+
+
+class QATLinear(QATMixin, nn.Linear):
+    """`nn.Linear` with fake-quantized weight and activations.
+
+    Example:
+        >>> from qat.quant import QuantSpec
+        >>> lin = QATLinear.from_float(nn.Linear(8, 4), weight=QuantSpec(bits=4), name="fc")
+        >>> lin(torch.randn(2, 8)).shape
+        torch.Size([2, 4])
+    """
+
+    FLOAT_TYPE = nn.Linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._qout(F.linear(self._qin(x), self.quantized_weight(), self.bias))
+
+
+class _QATConv(QATMixin):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._qout(self._conv_forward(self._qin(x), self.quantized_weight(), self.bias))
+
+
+class QATConv1d(_QATConv, nn.Conv1d):
+    """`nn.Conv1d` with fake-quantized weight and activations (see `QATLinear`)."""
+
+    FLOAT_TYPE = nn.Conv1d
+
+
+class QATConv2d(_QATConv, nn.Conv2d):
+    """`nn.Conv2d` with fake-quantized weight and activations (see `QATLinear`)."""
+
+    FLOAT_TYPE = nn.Conv2d
+
+
+class QATEmbedding(QATMixin, nn.Embedding):
+    """`nn.Embedding` with a fake-quantized table (per row or per group); indices stay integer."""
+
+    FLOAT_TYPE = nn.Embedding
+
+    def _init_quantizers(self, weight, input, output, name):  # noqa: A002
+        if input is not None:
+            raise ValueError(f"{name}: an Embedding's input is integer indices; drop `input`")
+        super()._init_quantizers(weight, None, output, name)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        w = self.quantized_weight()
+        y = F.embedding(
+            idx,
+            w,
+            self.padding_idx,
+            self.max_norm,
+            self.norm_type,
+            self.scale_grad_by_freq,
+            self.sparse,
+        )
+        return self._qout(y)
+
+
+QAT_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Linear: QATLinear,
+    nn.Conv1d: QATConv1d,
+    nn.Conv2d: QATConv2d,
+    nn.Embedding: QATEmbedding,
+}
+
+
+def qat_class_for(mod: nn.Module) -> type[nn.Module] | None:
+    """The fake-quant class for `mod`, or None.
+
+    A subclass of a float layer qualifies only if it keeps the base `forward` (otherwise the
+    fake-quant forward would silently replace its computation).
+    """
+    for float_type in type(mod).__mro__:
+        if float_type in QAT_CLASSES:
+            return QAT_CLASSES[float_type] if type(mod).forward is float_type.forward else None
+    return None

@@ -1,0 +1,180 @@
+"""`QuantSpec`: what one tensor's quantizer does, as YAML-friendly primitives."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+GRANULARITIES = ("per_tensor", "per_channel", "per_group", "per_token")
+OBSERVERS = ("minmax", "ema", "percentile", "mse")
+LEARN = ("none", "lsq", "lsq_plus", "pact")
+SCALE_DTYPES = ("fp32", "fp16")
+ROLES = ("weight", "input", "output")
+
+
+def _fail(path: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"{path}: got {value!r}; allowed: {allowed}")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is fake-quantized.
+
+    The grid is signed (`-2^(b-1) .. 2^(b-1)-1`, zero point 0) when `symmetric`, unsigned
+    (`0 .. 2^b-1`, integer zero point) otherwise; `narrow_range` drops the lowest code.
+
+    Example:
+        >>> spec = QuantSpec(bits=4, granularity="per_group", group_size=32)
+        >>> spec.qmin, spec.qmax
+        (-8, 7)
+        >>> QuantSpec(bits=8, symmetric=False).qrange
+        (0, 255)
+    """
+
+    bits: int = 8
+    symmetric: bool = True
+    granularity: str = "per_tensor"
+    axis: int = 0
+    group_size: int | None = None
+    dynamic: bool = False
+    narrow_range: bool = False
+    observer: str = "minmax"
+    momentum: float = 0.9
+    percentile: float = 99.99
+    learn: str = "none"
+    scale_dtype: str = "fp32"
+    # Not a quantization field: where this spec came from, for error messages.
+    path: str = field(default="spec", compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        p = self.path
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise _fail(f"{p}.bits", self.bits, "an integer from 2 to 8")
+        for name in ("symmetric", "dynamic", "narrow_range"):
+            if not isinstance(getattr(self, name), bool):
+                raise _fail(f"{p}.{name}", getattr(self, name), "true or false")
+        for name, allowed in (
+            ("granularity", GRANULARITIES),
+            ("observer", OBSERVERS),
+            ("learn", LEARN),
+            ("scale_dtype", SCALE_DTYPES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise _fail(f"{p}.{name}", getattr(self, name), ", ".join(allowed))
+        if isinstance(self.axis, bool) or not isinstance(self.axis, int):
+            raise _fail(f"{p}.axis", self.axis, "an integer dimension index")
+        if self.granularity == "per_group":
+            gs = self.group_size
+            if isinstance(gs, bool) or not isinstance(gs, int) or gs < 1:
+                raise _fail(f"{p}.group_size", gs, "a positive integer when granularity=per_group")
+        elif self.group_size is not None:
+            raise _fail(f"{p}.group_size", self.group_size, "null unless granularity=per_group")
+        if not (isinstance(self.momentum, (int, float)) and 0.0 <= self.momentum < 1.0):
+            raise _fail(f"{p}.momentum", self.momentum, "a number in [0, 1)")
+        if not (isinstance(self.percentile, (int, float)) and 50.0 < self.percentile <= 100.0):
+            raise _fail(f"{p}.percentile", self.percentile, "a number in (50, 100]")
+        if self.granularity == "per_token" and not self.dynamic:
+            raise _fail(
+                f"{p}.dynamic",
+                self.dynamic,
+                "true when granularity=per_token (tokens vary per call)",
+            )
+        if self.dynamic:
+            if self.learn != "none":
+                raise _fail(
+                    f"{p}.learn", self.learn, "none when dynamic=true (scales come per call)"
+                )
+            if self.observer != "minmax":
+                raise _fail(f"{p}.observer", self.observer, "minmax when dynamic=true")
+        if self.learn == "lsq_plus" and self.symmetric:
+            raise _fail(
+                f"{p}.learn", self.learn, "lsq_plus only with symmetric=false (it learns an offset)"
+            )
+        if self.narrow_range and not self.symmetric:
+            raise _fail(f"{p}.narrow_range", True, "false when symmetric=false")
+
+    # -- the integer grid -------------------------------------------------------------------
+    @property
+    def qmin(self) -> int:
+        if self.symmetric:
+            return -(2 ** (self.bits - 1)) + (1 if self.narrow_range else 0)
+        return 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        return self.qmin, self.qmax
+
+    # -- roles ------------------------------------------------------------------------------
+    def check_role(self, role: str) -> QuantSpec:
+        """Raise `ValueError` if this spec cannot quantize a tensor of `role`; return self."""
+        p = self.path
+        if role not in ROLES:
+            raise _fail(f"{p} role", role, ", ".join(ROLES))
+        if role == "weight":
+            if self.granularity == "per_token":
+                raise _fail(f"{p}.granularity", "per_token", "per_tensor, per_channel, per_group")
+            if self.learn == "pact":
+                raise _fail(f"{p}.learn", "pact", "none, lsq, lsq_plus for weights")
+            if self.dynamic:
+                raise _fail(f"{p}.dynamic", True, "false for weights")
+        elif self.granularity in ("per_channel", "per_group"):
+            raise _fail(
+                f"{p}.granularity",
+                self.granularity,
+                "per_tensor or per_token for activations (integer matmul needs one scale per row)",
+            )
+        return self
+
+    def check_shape(self, shape: tuple[int, ...]) -> None:
+        """Raise `ValueError` if a weight of `shape` cannot use this granularity."""
+        p = self.path
+        if self.granularity == "per_channel" and not -len(shape) <= self.axis < len(shape):
+            raise _fail(f"{p}.axis", self.axis, f"a dimension of a tensor of shape {tuple(shape)}")
+        if self.granularity == "per_group":
+            cols = 1
+            for s in shape[1:]:
+                cols *= s
+            if len(shape) < 2 or cols % self.group_size:
+                raise _fail(
+                    f"{p}.group_size",
+                    self.group_size,
+                    f"a divisor of the input size {cols} of a weight of shape {tuple(shape)}",
+                )
+
+    def describe(self) -> str:
+        """Short human form, e.g. `w4 per_group(32) sym lsq`."""
+        g = self.granularity
+        if g == "per_group":
+            g = f"per_group({self.group_size})"
+        elif g == "per_channel":
+            g = f"per_channel(axis={self.axis})"
+        parts = [f"{self.bits}b", g, "sym" if self.symmetric else "asym"]
+        parts.append("dynamic" if self.dynamic else self.observer)
+        if self.learn != "none":
+            parts.append(self.learn)
+        if self.narrow_range:
+            parts.append("narrow")
+        if self.scale_dtype != "fp32":
+            parts.append(f"scale={self.scale_dtype}")
+        return " ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("path")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], path: str = "spec") -> QuantSpec:
+        """Build from a mapping, refusing unknown keys with the key path."""
+        if not isinstance(d, dict):
+            raise _fail(path, d, "a mapping of QuantSpec fields")
+        known = {f.name for f in dataclasses.fields(cls)} - {"path"}
+        for k in d:
+            if k not in known:
+                raise _fail(f"{path}.{k}", k, "one of " + ", ".join(sorted(known)))
+        return cls(**d, path=path)
