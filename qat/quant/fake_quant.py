@@ -97,6 +97,10 @@ class FakeQuantizer(nn.Module):
         super().__init__()
         spec.check_role(role)
         self.spec, self.role, self.name = spec, role, name
+        # Monitoring (not state): when `track_stats` is set, forward records the share of
+        # elements clipped to the grid's ends in `last_clip_fraction`.
+        self.track_stats = False
+        self.last_clip_fraction: float | None = None
         if spec.granularity != "per_tensor" and not spec.dynamic:
             if shape is None:
                 raise ValueError(f"{spec.path}: {spec.granularity} needs the tensor's shape")
@@ -188,7 +192,16 @@ class FakeQuantizer(nn.Module):
         else:
             mode, factor = "ste", 1.0
         use_zp = zp if (not spec.symmetric or spec.learn == "lsq_plus") else None
+        if self.track_stats:
+            self._record_clip_fraction(x.detach(), s.detach(), zp.detach())
         return fake_quantize(x, s.to(x.dtype), use_zp, spec, mode, factor)
+
+    @torch.no_grad()
+    def _record_clip_fraction(self, x: torch.Tensor, s: torch.Tensor, zp: torch.Tensor) -> None:
+        v = grid.to_view(x, self.spec)
+        q = torch.round(v / s[..., None]) + zp[..., None]
+        clipped = (q < self.spec.qmin) | (q > self.spec.qmax)
+        self.last_clip_fraction = clipped.float().mean().item()
 
     def extra_repr(self) -> str:
         flags = [

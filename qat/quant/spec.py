@@ -17,6 +17,45 @@ def _fail(path: str, value: Any, allowed: str) -> ValueError:
     return ValueError(f"{path}: got {value!r}; allowed: {allowed}")
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# field -> (accepts value?, what is allowed): each field checked on its own, so a recipe rule
+# that overrides only some fields is validated key by key when it is read.
+_FIELD_RULES: dict[str, tuple[Any, str]] = {
+    "bits": (lambda v: _is_int(v) and 2 <= v <= 8, "an integer from 2 to 8"),
+    "symmetric": (lambda v: isinstance(v, bool), "true or false"),
+    "dynamic": (lambda v: isinstance(v, bool), "true or false"),
+    "narrow_range": (lambda v: isinstance(v, bool), "true or false"),
+    "granularity": (lambda v: v in GRANULARITIES, ", ".join(GRANULARITIES)),
+    "observer": (lambda v: v in OBSERVERS, ", ".join(OBSERVERS)),
+    "learn": (lambda v: v in LEARN, ", ".join(LEARN)),
+    "scale_dtype": (lambda v: v in SCALE_DTYPES, ", ".join(SCALE_DTYPES)),
+    "axis": (_is_int, "an integer dimension index"),
+    "group_size": (lambda v: v is None or (_is_int(v) and v >= 1), "a positive integer or null"),
+    "momentum": (lambda v: _is_num(v) and 0.0 <= v < 1.0, "a number in [0, 1)"),
+    "percentile": (lambda v: _is_num(v) and 50.0 < v <= 100.0, "a number in (50, 100]"),
+}
+
+
+def check_field(name: str, value: Any, path: str = "spec") -> None:
+    """Raise `ValueError` naming `path.name` unless `value` is allowed for field `name`."""
+    if name not in _FIELD_RULES:
+        raise _fail(f"{path}.{name}", name, "one of " + ", ".join(_FIELD_RULES))
+    ok, allowed = _FIELD_RULES[name]
+    try:
+        good = bool(ok(value))
+    except TypeError:  # unhashable values in `in` checks
+        good = False
+    if not good:
+        raise _fail(f"{path}.{name}", value, allowed)
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """How one tensor is fake-quantized.
@@ -48,45 +87,22 @@ class QuantSpec:
     path: str = field(default="spec", compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if f.name != "path":
+                check_field(f.name, getattr(self, f.name), self.path)
         p = self.path
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
-            raise _fail(f"{p}.bits", self.bits, "an integer from 2 to 8")
-        for name in ("symmetric", "dynamic", "narrow_range"):
-            if not isinstance(getattr(self, name), bool):
-                raise _fail(f"{p}.{name}", getattr(self, name), "true or false")
-        for name, allowed in (
-            ("granularity", GRANULARITIES),
-            ("observer", OBSERVERS),
-            ("learn", LEARN),
-            ("scale_dtype", SCALE_DTYPES),
-        ):
-            if getattr(self, name) not in allowed:
-                raise _fail(f"{p}.{name}", getattr(self, name), ", ".join(allowed))
-        if isinstance(self.axis, bool) or not isinstance(self.axis, int):
-            raise _fail(f"{p}.axis", self.axis, "an integer dimension index")
-        if self.granularity == "per_group":
-            gs = self.group_size
-            if isinstance(gs, bool) or not isinstance(gs, int) or gs < 1:
-                raise _fail(f"{p}.group_size", gs, "a positive integer when granularity=per_group")
-        elif self.group_size is not None:
+        if self.granularity == "per_group" and self.group_size is None:
+            raise _fail(f"{p}.group_size", None, "a positive integer when granularity=per_group")
+        if self.granularity != "per_group" and self.group_size is not None:
             raise _fail(f"{p}.group_size", self.group_size, "null unless granularity=per_group")
-        if not (isinstance(self.momentum, (int, float)) and 0.0 <= self.momentum < 1.0):
-            raise _fail(f"{p}.momentum", self.momentum, "a number in [0, 1)")
-        if not (isinstance(self.percentile, (int, float)) and 50.0 < self.percentile <= 100.0):
-            raise _fail(f"{p}.percentile", self.percentile, "a number in (50, 100]")
         if self.granularity == "per_token" and not self.dynamic:
             raise _fail(
-                f"{p}.dynamic",
-                self.dynamic,
-                "true when granularity=per_token (tokens vary per call)",
+                f"{p}.dynamic", False, "true when granularity=per_token (tokens vary per call)"
             )
-        if self.dynamic:
-            if self.learn != "none":
-                raise _fail(
-                    f"{p}.learn", self.learn, "none when dynamic=true (scales come per call)"
-                )
-            if self.observer != "minmax":
-                raise _fail(f"{p}.observer", self.observer, "minmax when dynamic=true")
+        if self.dynamic and self.learn != "none":
+            raise _fail(f"{p}.learn", self.learn, "none when dynamic=true (scales come per call)")
+        if self.dynamic and self.observer != "minmax":
+            raise _fail(f"{p}.observer", self.observer, "minmax when dynamic=true")
         if self.learn == "lsq_plus" and self.symmetric:
             raise _fail(
                 f"{p}.learn", self.learn, "lsq_plus only with symmetric=false (it learns an offset)"
@@ -163,6 +179,10 @@ class QuantSpec:
             parts.append(f"scale={self.scale_dtype}")
         return " ".join(parts)
 
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls) if f.name != "path"]
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.pop("path")
@@ -173,8 +193,6 @@ class QuantSpec:
         """Build from a mapping, refusing unknown keys with the key path."""
         if not isinstance(d, dict):
             raise _fail(path, d, "a mapping of QuantSpec fields")
-        known = {f.name for f in dataclasses.fields(cls)} - {"path"}
-        for k in d:
-            if k not in known:
-                raise _fail(f"{path}.{k}", k, "one of " + ", ".join(sorted(known)))
+        for k, v in d.items():
+            check_field(k, v, path)
         return cls(**d, path=path)

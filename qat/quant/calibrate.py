@@ -1,0 +1,65 @@
+"""Calibration (observers on, fake quant off, no weight updates) and schedule states."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from qat.quant.control import quantizers
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module,
+    batches: Iterable[Any],
+    num_batches: int,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+) -> int:
+    """Run up to `num_batches` batches in eval mode with observers on and fake quant off.
+
+    Static quantizers (and learned ones, which take their initial scale from the observer)
+    end up calibrated; fake quant is switched on afterwards. Returns the batches used.
+
+    Example:
+        >>> import qat
+        >>> m = qat.prepare(nn.Linear(4, 2), {"rules": []})
+        >>> calibrate(m, [torch.randn(3, 4)], num_batches=1)
+        1
+    """
+    forward = forward or (lambda m, b: m(b))
+    was_training = model.training
+    qs = quantizers(model).values()
+    for q in qs:
+        q.observer_enabled.fill_(True)
+        q.fake_quant_enabled.fill_(False)
+    model.eval()
+    used = 0
+    for batch in batches:
+        if used >= num_batches:
+            break
+        forward(model, batch)
+        used += 1
+    for q in qs:
+        q.fake_quant_enabled.fill_(True)
+    model.train(was_training)
+    return used
+
+
+def apply_schedule(model: nn.Module, step: int, steps: dict[str, int | None]) -> None:
+    """Set observer / BN switches for optimizer step `step` (idempotent, so resume-safe).
+
+    `steps` comes from `Schedule.steps(total)`: observers freeze at `freeze_observers`, BN
+    statistics at `freeze_bn`. Fake quant is on throughout training (calibration precedes it).
+    """
+    fo, fb = steps.get("freeze_observers"), steps.get("freeze_bn")
+    obs_on = fo is None or step < fo
+    bn_frozen = fb is not None and step >= fb
+    for q in quantizers(model).values():
+        q.observer_enabled.fill_(obs_on)
+        q.fake_quant_enabled.fill_(True)
+    for m in model.modules():
+        if hasattr(m, "bn_frozen"):
+            m.bn_frozen.fill_(bn_frozen)

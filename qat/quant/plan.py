@@ -1,0 +1,179 @@
+"""`plan()`: resolve a recipe against a model (module -> rules -> specs) without changing it."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from qat.quant.bn_fold import BN_TYPES
+from qat.quant.modules import qat_class_for
+from qat.quant.recipe import Recipe, _name_matches, as_recipe
+from qat.quant.spec import ROLES, QuantSpec
+
+
+@dataclass
+class LayerPlan:
+    """What the recipe decided for one quantizable module."""
+
+    name: str
+    type: str
+    rules: list[int] = field(default_factory=list)
+    ignored: bool = False
+    specs: dict[str, QuantSpec | None] = field(default_factory=dict)
+    bn: str | None = None  # the BatchNorm folded or merged into this conv
+
+    @property
+    def quantized(self) -> bool:
+        return any(s is not None for s in self.specs.values())
+
+
+@dataclass
+class Plan:
+    """The dry-run result: `print(plan)` shows a table; `plan.layers` holds the rows."""
+
+    recipe: Recipe
+    layers: list[LayerPlan]
+    bn_pairs: dict[str, str] = field(default_factory=dict)  # conv name -> bn name
+
+    def quantized(self) -> list[LayerPlan]:
+        return [lp for lp in self.layers if lp.quantized]
+
+    def __str__(self) -> str:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"qat plan (bn: {self.recipe.bn})", show_lines=False)
+        for col in ("module", "type", "rules", "weight", "input", "output", "bn"):
+            table.add_column(col)
+        for lp in self.layers:
+            rules = "ignored" if lp.ignored else ",".join(str(i) for i in lp.rules) or "-"
+            cells = [lp.specs.get(r).describe() if lp.specs.get(r) else "float" for r in ROLES]
+            if not lp.quantized:
+                cells = ["float", "-", "-"]
+            table.add_row(lp.name, lp.type, rules, *cells, lp.bn or "")
+        buf = io.StringIO()
+        Console(file=buf, width=160, color_system=None).print(table)
+        n = len(self.quantized())
+        return buf.getvalue() + f"{n} of {len(self.layers)} quantizable modules quantized\n"
+
+
+def find_conv_bn_pairs(model: nn.Module) -> dict[str, str]:
+    """Conv -> BatchNorm pairs where the BN consumes only that conv's output.
+
+    Found from a `torch.fx` trace; a model that cannot be traced falls back to adjacent
+    (Conv, BN) children of `nn.Sequential` containers, with a warning.
+    """
+    mods = dict(model.named_modules())
+    if not any(isinstance(m, BN_TYPES) for m in mods.values()):
+        return {}
+    convs = (nn.Conv1d, nn.Conv2d)
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception as e:  # noqa: BLE001 - any trace failure means "use the fallback"
+        warnings.warn(
+            f"torch.fx could not trace {type(model).__name__} ({type(e).__name__}: {e}); "
+            "Conv-BN pairs are taken from adjacent layers in nn.Sequential containers only",
+            stacklevel=3,
+        )
+        pairs = {}
+        for prefix, mod in mods.items():
+            if isinstance(mod, nn.Sequential):
+                kids = list(mod.named_children())
+                for (a, ma), (b, mb) in zip(kids, kids[1:], strict=False):
+                    if isinstance(ma, convs) and isinstance(mb, BN_TYPES):
+                        pre = f"{prefix}." if prefix else ""
+                        pairs[pre + a] = pre + b
+        return pairs
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    pairs = {}
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(mods.get(node.target), BN_TYPES):
+            continue
+        src = node.args[0] if node.args else None
+        if (
+            isinstance(src, torch.fx.Node)
+            and src.op == "call_module"
+            and isinstance(mods.get(src.target), convs)
+            and len(src.users) == 1
+            and calls[src.target] == 1
+            and calls[node.target] == 1
+        ):
+            pairs[src.target] = node.target
+    return pairs
+
+
+def _resolve(rules_hit, role: str, name: str, mod: nn.Module) -> QuantSpec | None:
+    merged: dict | None = None
+    contributors: list[int] = []
+    for rule in rules_hit:
+        if role not in rule.specs:
+            continue
+        if rule.specs[role] is None:
+            merged, contributors = None, []
+            continue
+        merged = {**(merged or {}), **rule.specs[role]}
+        contributors.append(rule.index)
+    if merged is None:
+        return None
+    path = "+".join(f"rules[{i}]" for i in contributors) + f".{role}"
+    try:
+        spec = QuantSpec.from_dict(merged, path=path).check_role(role)
+        if role == "weight":
+            spec.check_shape(tuple(mod.weight.shape))
+    except ValueError as e:
+        raise ValueError(f"{e} (module {name!r}, {type(mod).__name__})") from None
+    return spec
+
+
+def plan(model: nn.Module, recipe: Recipe | dict | str, verbose: bool = False) -> Plan:
+    """Dry run: every quantizable module with the rules that decided it and its specs.
+
+    Raises `ValueError` when a rule matches no quantizable module (unless `optional: true`) or
+    a resolved spec is impossible for its module. Nothing in `model` changes.
+    """
+    recipe = as_recipe(recipe)
+    quantizable = [(n, m) for n, m in model.named_modules() if n and qat_class_for(m) is not None]
+    hits: dict[str, list] = {n: [] for n, _ in quantizable}
+    for rule in recipe.rules:
+        matched = [n for n, m in quantizable if rule.matches(n, m)]
+        if rule.position == "first":
+            matched = matched[:1]
+        elif rule.position == "last":
+            matched = matched[-1:]
+        if not matched and not rule.optional:
+            names = ", ".join(n for n, _ in quantizable[:12]) + (
+                " ..." if len(quantizable) > 12 else ""
+            )
+            raise ValueError(
+                f"rules[{rule.index}].match: matches no quantizable module "
+                f"(names={rule.names}, types={rule.types}); "
+                f"quantizable modules: {names or 'none'}. "
+                "Fix the match or add `optional: true` to the rule."
+            )
+        for n in matched:
+            hits[n].append(rule)
+    for pattern in recipe.ignore:
+        if not any(_name_matches(pattern, n) for n, _ in quantizable):
+            warnings.warn(f"ignore entry {pattern!r} matches no quantizable module", stacklevel=2)
+    pairs = find_conv_bn_pairs(model) if recipe.bn != "keep" else {}
+    layers = []
+    for name, mod in quantizable:
+        lp = LayerPlan(name, type(mod).__name__, rules=[r.index for r in hits[name]])
+        lp.ignored = any(_name_matches(p, name) for p in recipe.ignore)
+        for role in ROLES:
+            skip = lp.ignored or (role == "input" and isinstance(mod, nn.Embedding))
+            lp.specs[role] = None if skip else _resolve(hits[name], role, name, mod)
+        if lp.quantized and name in pairs:
+            lp.bn = pairs[name]
+        layers.append(lp)
+    result = Plan(recipe, layers, {lp.name: lp.bn for lp in layers if lp.bn})
+    if verbose:
+        print(result)
+    return result

@@ -1,0 +1,63 @@
+"""`prepare()`: swap float layers for fake-quant layers in place, as a recipe says."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from qat.quant.bn_fold import CONV_BN_CLASSES, merge_bn
+from qat.quant.modules import QATMixin, qat_class_for
+from qat.quant.plan import Plan, plan
+from qat.quant.recipe import Recipe
+
+
+def _set(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def is_prepared(model: nn.Module) -> bool:
+    return getattr(model, "qat_recipe", None) is not None or any(
+        isinstance(m, QATMixin) for m in model.modules()
+    )
+
+
+def prepare(model: nn.Module, recipe: Recipe | dict | str) -> nn.Module:
+    """Insert fake quantization into `model` in place and return it.
+
+    Parameters are shared with the float layers, so an optimizer built before `prepare` keeps
+    working. BatchNorm after a quantized conv is folded (simulated, `bn: fold`), merged into the
+    conv now (`merge`) or left alone (`keep`). The recipe is kept as `model.qat_recipe`.
+
+    Example:
+        >>> import qat
+        >>> m = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> m = qat.prepare(m, {"rules": [{"match": {"types": ["Linear"]},
+        ...                                "weight": {"bits": 4}}]})
+        >>> type(m[0]).__name__
+        'QATLinear'
+    """
+    if is_prepared(model):
+        raise ValueError(
+            f"{type(model).__name__} is already prepared for QAT; prepare a fresh float model "
+            "(or load its state_dict into one prepared with the same recipe)"
+        )
+    result: Plan = plan(model, recipe)
+    for lp in result.quantized():
+        mod = model.get_submodule(lp.name)
+        cls = qat_class_for(mod)
+        specs = {role: lp.specs[role] for role in ("weight", "input", "output")}
+        if lp.bn is not None:
+            bn = model.get_submodule(lp.bn)
+            if result.recipe.bn == "merge":
+                merge_bn(mod, bn)
+                new = cls.from_float(mod, **specs, name=lp.name)
+            else:
+                new = CONV_BN_CLASSES[cls].from_conv_bn(mod, bn, **specs, name=lp.name)
+            _set(model, lp.bn, nn.Identity())
+        else:
+            new = cls.from_float(mod, **specs, name=lp.name)
+        new.train(mod.training)
+        _set(model, lp.name, new)
+    model.qat_recipe = result.recipe
+    model.qat_plan = result
+    return model
