@@ -1,29 +1,34 @@
-"""Entry point. Until the Lightning/Hydra trainer lands: a demo of the quantization core."""
+"""Train, evaluate or export with fake quantization. Thin: Hydra composes, `qat.train.run` runs.
+
+python train.py                                  # the default digits experiment
+python train.py experiment=shakespeare_w4g32a8 recipe=w8a8
+python train.py -m recipe=fp32,w8a8,w4a4_lsq     # sweep, summary in the sweep dir
+python train.py ckpt_path=last                   # resume the latest run of the experiment
+python train.py task=eval ckpt_path=PATH
+"""
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+import os
+import warnings
 
-from qat.quant import QuantSpec
-from qat.quant.modules import QATLinear
+import hydra
+from omegaconf import DictConfig
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
 
 
-def main() -> None:
-    torch.manual_seed(0)
-    x = torch.randn(512, 64)
-    float_layer = nn.Linear(64, 64)
-    ref = float_layer(x)
-    for bits in (8, 4, 2):
-        layer = QATLinear.from_float(
-            float_layer,
-            weight=QuantSpec(bits=bits, granularity="per_channel"),
-            input=QuantSpec(bits=8, symmetric=False),
-            name="fc",
-        )
-        y = layer(x)
-        sqnr = 10 * torch.log10(ref.pow(2).mean() / (y - ref).pow(2).mean())
-        print(f"W{bits}A8 per-channel Linear(64, 64): SQNR {sqnr.item():.1f} dB")
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    from qat.train.run import run
+
+    results = run(cfg)
+    metric = str(cfg.monitor).split("/")[-1]
+    value = (results.get("qat") or results.get("fake_quant") or {}).get(f"test/{metric}")
+    return value  # for Hydra sweepers that optimise a value
 
 
 if __name__ == "__main__":

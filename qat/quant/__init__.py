@@ -1,5 +1,6 @@
 """The quantization core: pure torch, no Lightning or Hydra."""
 
+from qat.quant.calibrate import apply_schedule, calibrate
 from qat.quant.control import (
     disable_fake_quant,
     disable_observer,
@@ -24,7 +25,9 @@ __all__ = [
     "QuantSpec",
     "Recipe",
     "Schedule",
+    "apply_schedule",
     "build_observer",
+    "calibrate",
     "disable_fake_quant",
     "disable_observer",
     "enable_fake_quant",

@@ -35,15 +35,22 @@ def calibrate(
     for q in qs:
         q.observer_enabled.fill_(True)
         q.fake_quant_enabled.fill_(False)
-    model.eval()
+    model.eval()  # BN uses running statistics; the quantizers alone observe (train mode)
+    for q in qs:
+        q.train()
     used = 0
     for batch in batches:
         if used >= num_batches:
             break
         forward(model, batch)
         used += 1
+        if used == 1:  # weights do not change while calibrating: one look is enough
+            for q in qs:
+                if q.role == "weight" and not q.observer.accumulate:
+                    q.observer_enabled.fill_(False)
     for q in qs:
         q.fake_quant_enabled.fill_(True)
+        q.observer_enabled.fill_(True)
     model.train(was_training)
     return used
 

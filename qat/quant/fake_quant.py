@@ -77,8 +77,10 @@ class FakeQuantizer(nn.Module):
 
     Three switches live in `state_dict` with the scales and observer statistics:
     `observer_enabled`, `fake_quant_enabled`, `calibrated`. While calibrating (observer on, fake
-    quant off) it observes and passes `x` through. A learned scale (LSQ, LSQ+, PACT) is set from
-    the observer only until fake quant starts; from then on the optimizer owns it.
+    quant off) it observes and passes `x` through. Observers update in training mode only, so
+    validation data never moves a scale (`qat.quant.calibrate` observes with BN in eval mode).
+    A learned scale (LSQ, LSQ+, PACT) is set from the observer only until fake quant starts;
+    from then on the optimizer owns it.
 
     Example:
         >>> fq = FakeQuantizer(QuantSpec(bits=4, learn="lsq"), role="input")
@@ -174,14 +176,16 @@ class FakeQuantizer(nn.Module):
             s, z = grid.dynamic_qparams(x, spec)
             return fake_quantize(x, s, None if spec.symmetric else z, spec)
         owned_by_optimizer = self.learned and self.fake_quant_enabled and self.calibrated
-        if self.observer_enabled and not owned_by_optimizer:
+        # Observers learn from training data only: validation batches must not move scales.
+        if self.observer_enabled and self.training and not owned_by_optimizer:
             self.observe(x)
         if not self.fake_quant_enabled:
             return x
         if not self.calibrated:
             raise RuntimeError(
-                f"quantizer {self.name or '?'} ({self.role}) has never observed data and its "
-                "observer is off: run calibration (observers on) before enabling fake quant"
+                f"quantizer {self.name or '?'} ({self.role}) has never observed data: run "
+                "calibration first (qat.quant.calibrate, or training steps with observers on; "
+                "observers update in training mode only)"
             )
         s, zp = self.qparams()
         if spec.learn == "pact":

@@ -8,6 +8,7 @@ activations accumulate: `minmax` keeps the running extremes, `ema` a moving aver
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from qat.quant import grid
@@ -65,11 +66,28 @@ class Observer(nn.Module):
                 "Check the data and the loss (a diverged step), or lower the learning rate."
             )
         mn, mx = self.estimate(v, mn, mx)
+        if self.accumulate:
+            mn, mx = self._sync(mn, mx)
         self.count += 1
         if self.accumulate and self.count > 1:
             mn, mx = self.combine(mn, mx)
         self.min_val.copy_(mn)
         self.max_val.copy_(mx)
+
+    def _sync(self, mn: torch.Tensor, mx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Under torch.distributed, combine the ranks' estimates so every rank holds the same
+        statistics (activations differ per rank; weights are identical under DDP)."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return mn, mx
+        mn, mx = mn.contiguous(), mx.contiguous()
+        if type(self) is MinMaxObserver:
+            dist.all_reduce(mn, op=dist.ReduceOp.MIN)
+            dist.all_reduce(mx, op=dist.ReduceOp.MAX)
+        else:
+            both = torch.stack([mn, mx])
+            dist.all_reduce(both, op=dist.ReduceOp.SUM)
+            mn, mx = both / dist.get_world_size()
+        return mn, mx
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         return grid.qparams_from_range(self.min_val, self.max_val, self.spec)

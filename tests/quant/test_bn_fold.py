@@ -69,8 +69,9 @@ def test_keep_leaves_batchnorm_float():
 
 
 def test_fold_quantizes_the_folded_weight():
-    model = qat.prepare(trained_cnn(), W8).eval()
-    model(torch.randn(4, 1, 8, 8))
+    model = qat.prepare(trained_cnn(), W8)
+    qat.quant.calibrate(model, [torch.randn(4, 1, 8, 8)], num_batches=1)
+    model.eval()
     conv = model.conv1
     w = conv.folded_weight()
     fq = conv.quantized_weight()

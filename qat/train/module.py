@@ -1,0 +1,224 @@
+"""`QATModule`: the LightningModule that trains a (prepared or float) model on one task."""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import nn
+
+from qat.quant import FakeQuantizer, quantizers
+from qat.train.tasks import TaskMetrics, check_task, model_forward, task_loss
+
+
+def param_groups(
+    model: nn.Module, lr: float, weight_decay: float, quant_lr_mult: float
+) -> list[dict[str, Any]]:
+    """Three groups: matrices (decayed), vectors (biases, norms: no decay), quantizer
+    parameters (learned scales, offsets, clips: `lr * quant_lr_mult`, no decay)."""
+    quant_ids = {
+        id(p) for m in model.modules() if isinstance(m, FakeQuantizer) for p in m.parameters()
+    }
+    decay, no_decay, quant, seen = [], [], [], set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if id(p) in quant_ids:
+            quant.append(p)
+        elif p.ndim >= 2:
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay, "lr": lr, "name": "weights"},
+        {"params": no_decay, "weight_decay": 0.0, "lr": lr, "name": "vectors"},
+        {"params": quant, "weight_decay": 0.0, "lr": lr * quant_lr_mult, "name": "quantizers"},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG the training step may touch, as weights_only-loadable values."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+class QATModule(L.LightningModule):
+    """Trains `model` for `task` (`classification`, `causal_lm`, `embedding`).
+
+    `teacher` (a frozen float copy) enables distillation: required for `embedding`, optional
+    (`kd_weight > 0`) for the others. `meta` (builder, recipe) is stored in checkpoints and
+    checked on load, so a checkpoint of another model or recipe fails with a clear message.
+
+    Example:
+        >>> m = QATModule(nn.Linear(4, 3), task="classification", num_classes=3)
+        >>> m.training_step({"x": torch.randn(8, 4), "y": torch.zeros(8, dtype=torch.long)}, 0)
+        tensor(..., grad_fn=<NllLossBackward0>)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: str,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        quant_lr_mult: float = 1.0,
+        optimizer: str = "adamw",
+        warmup_steps: int = 0,
+        cosine: bool = True,
+        max_steps: int | None = None,
+        num_classes: int | None = None,
+        teacher: nn.Module | None = None,
+        kd_weight: float = 0.0,
+        kd_temperature: float = 2.0,
+        distill_loss: str = "cosine",
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.task = check_task(task)
+        self.lr, self.weight_decay, self.quant_lr_mult = lr, weight_decay, quant_lr_mult
+        if optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"module.optimizer: got {optimizer!r}; allowed: adamw, sgd")
+        self.optimizer_name, self.warmup_steps, self.cosine = optimizer, warmup_steps, cosine
+        self.max_steps = max_steps
+        if distill_loss not in ("cosine", "mse"):
+            raise ValueError(f"module.distill_loss: got {distill_loss!r}; allowed: cosine, mse")
+        self.kd_weight, self.kd_temperature, self.distill_loss = (
+            kd_weight,
+            kd_temperature,
+            distill_loss,
+        )
+        # A list hides the teacher from state_dict, parameters() and the optimizer.
+        self._teacher = [teacher.eval().requires_grad_(False)] if teacher is not None else []
+        self.meta = dict(meta or {})
+        self.metrics = nn.ModuleDict(
+            {s: TaskMetrics(task, num_classes) for s in ("train_", "val", "test")}
+        )
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        return self._teacher[0] if self._teacher else None
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model_forward(self.task, self.model, batch)
+
+    def _teacher_out(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        needs = self.task == "embedding" or self.kd_weight > 0
+        if self.teacher is None or not needs:
+            return None
+        with torch.no_grad():
+            return model_forward(self.task, self.teacher.to(self.device), batch)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out = self(batch)
+        loss = task_loss(
+            self.task,
+            out,
+            batch,
+            self._teacher_out(batch),
+            self.kd_weight,
+            self.kd_temperature,
+            self.distill_loss,
+        )
+        if not torch.isfinite(loss):
+            raise FloatingPointError(self._diverged_message(loss))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(out))
+        return loss
+
+    def _diverged_message(self, loss: torch.Tensor) -> str:
+        worst = []
+        for name, q in quantizers(self.model).items():
+            if q.observer is None:
+                continue
+            s, _ = q.qparams()
+            bad = not torch.isfinite(s).all() or bool((s <= 0).any())
+            clip = q.last_clip_fraction
+            worst.append((bad, clip or 0.0, name, float(s.detach().abs().max())))
+        msg = f"loss is {loss.item()} at step {self.global_step}: training diverged."
+        if worst:
+            bad, clip, name, smax = max(worst)
+            msg += f" Most suspicious quantizer: {name} (scale max {smax:.3g}"
+            msg += f", clip fraction {clip:.2%})" if clip else ")"
+        return msg + ". Lower the learning rate (or module.quant_lr_mult) and resume."
+
+    def _eval_step(self, split: str, batch: dict[str, torch.Tensor]) -> None:
+        out = self(batch)
+        self.metrics[split].update(
+            out, batch, self._teacher_out(batch) if self.task == "embedding" else None
+        )
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def _log_split(self, split: str) -> None:
+        for k, v in self.metrics[split].compute().items():
+            self.log(f"{split}/{k}", v, prog_bar=(split == "val"), sync_dist=False)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_split("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_split("test")
+
+    def configure_optimizers(self) -> Any:
+        groups = param_groups(self.model, self.lr, self.weight_decay, self.quant_lr_mult)
+        if self.optimizer_name == "sgd":
+            opt = torch.optim.SGD(groups, lr=self.lr, momentum=0.9)
+        else:
+            opt = torch.optim.AdamW(groups, lr=self.lr)
+        total = self.max_steps or self.trainer.max_steps
+        warm = self.warmup_steps
+
+        def factor(step: int) -> float:
+            if warm and step < warm:
+                return (step + 1) / warm
+            if not self.cosine or not total or total <= 0:
+                return 1.0
+            t = min(1.0, (step - warm) / max(1, total - warm))
+            return 0.5 * (1 + math.cos(math.pi * t)) * 0.9 + 0.1
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["qat_meta"] = self.meta
+        checkpoint["qat_rng"] = rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_meta(checkpoint.get("qat_meta"), self.meta)
+        if "qat_rng" in checkpoint:
+            set_rng_state(checkpoint["qat_rng"])
+
+
+def check_meta(saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
+    """Refuse a checkpoint made with another model, recipe or task, naming the difference."""
+    if saved is None:
+        raise ValueError("checkpoint has no qat metadata: it was not written by qat's trainer")
+    for key in ("task", "model", "recipe"):
+        if key in current and saved.get(key) != current.get(key):
+            raise ValueError(
+                f"checkpoint mismatch in {key!r}: the checkpoint has {saved.get(key)!r} but this "
+                f"run has {current.get(key)!r}. Use the same {key} settings as the run that "
+                "wrote it (or start a new run without ckpt_path)."
+            )

@@ -1,0 +1,53 @@
+"""Hydra callback: after a multirun, one summary table (markdown + CSV) of all runs."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+
+def collect(sweep_dir: Path) -> list[dict[str, Any]]:
+    rows = []
+    for f in sorted(sweep_dir.glob("*/metrics.json"), key=lambda p: (len(p.parts), str(p))):
+        r = json.loads(f.read_text())
+        row: dict[str, Any] = {"run": f.parent.name, "recipe": r.get("recipe")}
+        for stage in ("float", "qat", "export"):
+            for k, v in (r.get(stage) or {}).items():
+                row[f"{stage} {k}"] = v
+        rows.append(row)
+    return rows
+
+
+def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
+    rows = collect(sweep_dir)
+    if not rows:
+        return rows
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    w.writerows(rows)
+    (sweep_dir / "summary.csv").write_text(buf.getvalue())
+
+    def fmt(v: Any) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else str(v if v is not None else "")
+
+    md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    md += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    (sweep_dir / "summary.md").write_text("\n".join(md) + "\n")
+    return rows
+
+
+class SweepSummary(Callback):
+    """Writes `summary.md` and `summary.csv` in the sweep dir when a multirun ends."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        rows = write_summary(Path(config.hydra.sweep.dir))
+        if rows:
+            print(f"sweep summary of {len(rows)} runs: {config.hydra.sweep.dir}/summary.md")
