@@ -12,6 +12,7 @@ import torch
 from qat.quant.spec import QuantSpec
 
 FP32_EPS = torch.finfo(torch.float32).eps
+RANGE_CAP = float(torch.finfo(torch.float32).max) / 4
 # Smallest normal fp16: a smaller fp16 scale would be subnormal and lose precision.
 FP16_TINY = float(torch.finfo(torch.float16).tiny)
 
@@ -67,8 +68,10 @@ def qparams_from_range(
     include 0, `s = (max - min) / (qmax - qmin)`, `z = qmin - round(min / s)` clamped to the grid.
     """
     qmin, qmax = spec.qrange
-    min_neg = torch.clamp(min_val.float(), max=0.0)
-    max_pos = torch.clamp(max_val.float(), min=0.0)
+    # Ranges are capped at +-fp32max/4 so that neither max - min nor any grid point
+    # (q - z) * s can overflow to inf, whatever the zero point's rounding.
+    min_neg = torch.clamp(min_val.float(), min=-RANGE_CAP, max=0.0)
+    max_pos = torch.clamp(max_val.float(), min=0.0, max=RANGE_CAP)
     if spec.symmetric:
         amax = torch.maximum(-min_neg, max_pos)
         scale = finalize_scale(amax / ((qmax - qmin) / 2), spec)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -39,11 +42,60 @@ def model_state(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def find_last_checkpoint(run_root: Path) -> Path:
-    """The newest `runs/*/checkpoints/last.ckpt` under `run_root` (for `ckpt_path=last`)."""
-    found = sorted(run_root.glob("runs/*/checkpoints/last*.ckpt"), key=lambda p: p.stat().st_mtime)
+    """The newest checkpoint under `run_root/runs/*/checkpoints/` (for `ckpt_path=last`).
+
+    Usually `last.ckpt`; a run killed between writing a step checkpoint and `last.ckpt`
+    resumes from the step checkpoint. Writes are atomic, so no candidate is ever torn.
+    """
+    found = sorted(run_root.glob("runs/*/checkpoints/*.ckpt"), key=lambda p: p.stat().st_mtime)
     if not found:
         raise FileNotFoundError(
             f"ckpt_path=last: no checkpoints/last.ckpt under {run_root}/runs/*; "
             "pass ckpt_path=<file> or check run_name/paths.log_dir"
         )
     return found[-1]
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temp file in the same folder, fsynced, then renamed.
+
+    A crash or a full disk never leaves a truncated `.ckpt`; a failed write raises an error
+    that names the file and the cause. Loading always uses `weights_only=True`.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None
+    ) -> None:
+        path = Path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        except OSError as e:
+            raise CheckpointWriteError(path, e) from None
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            Path(tmp).unlink(missing_ok=True)
+            raise CheckpointWriteError(path, e) from None
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def load_checkpoint(
+        self, path: Any, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        return load_checkpoint(path)
+
+
+class CheckpointWriteError(RuntimeError):
+    def __init__(self, path: Path, err: OSError) -> None:
+        reason = os.strerror(err.errno) if err.errno else str(err)
+        super().__init__(
+            f"could not write checkpoint {path}: {reason}. Nothing partial was left behind; "
+            "free disk space or point paths.log_dir / hydra.run.dir at a writable location, "
+            "then resume with ckpt_path=last."
+        )

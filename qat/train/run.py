@@ -17,7 +17,12 @@ import qat
 from qat.models.registry import build_model
 from qat.quant.calibrate import calibrate
 from qat.train.callbacks import QATScheduleCallback
-from qat.train.checkpoint import find_last_checkpoint, load_checkpoint, model_state
+from qat.train.checkpoint import (
+    AtomicCheckpointIO,
+    find_last_checkpoint,
+    load_checkpoint,
+    model_state,
+)
 from qat.train.data import set_stream_position, stream_loader
 from qat.train.module import QATModule, check_meta
 from qat.train.report import print_summary, write_json_atomic
