@@ -18,7 +18,6 @@ from qat.models.registry import build_model
 from qat.quant.calibrate import calibrate
 from qat.train.callbacks import QATScheduleCallback
 from qat.train.checkpoint import (
-    AtomicCheckpointIO,
     find_last_checkpoint,
     load_checkpoint,
     model_state,

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,8 +17,8 @@ from qat.train.checkpoint import (
     CheckpointWriteError,
     find_last_checkpoint,
     load_checkpoint,
+    model_state,
 )
-from qat.train.checkpoint import model_state
 from qat.train.module import QATModule
 
 from .conftest import ROOT, TINY
