@@ -4,10 +4,15 @@
     recipe = qat.Recipe.from_yaml("configs/recipe/w4a8.yaml")
     print(qat.plan(model, recipe))
     model = qat.prepare(model, recipe)
+    ...train...
+    int_model = qat.convert(model)
+    qat.save(int_model, "out/model")
+    int_model = qat.load("out/model")
 """
 
+from qat.export import convert, load, save
 from qat.quant import QuantSpec, Recipe, plan, prepare
 
 __version__ = "0.1.0"
 
-__all__ = ["QuantSpec", "Recipe", "__version__", "plan", "prepare"]
+__all__ = ["QuantSpec", "Recipe", "__version__", "convert", "load", "plan", "prepare", "save"]

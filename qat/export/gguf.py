@@ -1,0 +1,169 @@
+"""GGUF (llama.cpp) export of the llama-style GPT, with Q4_0 / Q8_0 blocks taken from the
+trained integer codes.
+
+A Linear whose weight spec is symmetric, per group of 32, 4 or 8 bits, maps exactly onto
+llama.cpp's Q4_0 / Q8_0: one fp16 scale per 32 weights and `value = code * scale`
+(Q4_0 stores `code + 8` in nibbles: element j in the low nibble of byte j, element j + 16 in
+the high one). With `scale_dtype: fp16` in the recipe the file holds exactly what was trained.
+Other tensors are written as F32.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from qat.quant import grid
+from qat.quant.modules import QATMixin
+
+BLOCK = 32
+
+
+def gguf_type_for(mod: nn.Module) -> str:
+    """`Q4_0`, `Q8_0` or `F32`: how a (fake-quant) layer's weight is stored."""
+    fq = getattr(mod, "weight_quant", None)
+    if not isinstance(mod, QATMixin) or fq is None:
+        return "F32"
+    s = fq.spec
+    ok = s.symmetric and not s.narrow_range and s.granularity == "per_group"
+    if ok and s.group_size == BLOCK and s.bits in (4, 8):
+        if s.scale_dtype != "fp16":
+            raise ValueError(
+                f"{mod.qat_name}: GGUF stores fp16 block scales; train with scale_dtype: fp16 "
+                "so the file holds exactly the trained weights"
+            )
+        return "Q4_0" if s.bits == 4 else "Q8_0"
+    return "F32"
+
+
+def _codes_and_scales(mod: QATMixin) -> tuple[torch.Tensor, torch.Tensor]:
+    fq = mod.weight_quant
+    w = mod.weight.detach()
+    s, z = (t.detach() for t in fq.qparams())
+    q = grid.quantize(w, s, z, fq.spec).to(torch.int8)  # (out, in)
+    return q, s  # s: (out, in / 32)
+
+
+def q4_0_blocks(q: torch.Tensor, s: torch.Tensor) -> np.ndarray:
+    """(out, in) codes in [-8, 7] and (out, in/32) scales -> (out, in/32 * 18) uint8."""
+    out, n = q.shape
+    nib = (q.reshape(out, n // BLOCK, BLOCK) + 8).to(torch.uint8).numpy()
+    packed = nib[..., :16] | (nib[..., 16:] << 4)  # (out, G, 16)
+    d = s.numpy().astype(np.float16).view(np.uint8).reshape(out, n // BLOCK, 2)
+    return np.concatenate([d, packed], axis=-1).reshape(out, -1)
+
+
+def q8_0_blocks(q: torch.Tensor, s: torch.Tensor) -> np.ndarray:
+    """(out, in) int8 codes and (out, in/32) scales -> (out, in/32 * 34) uint8."""
+    out, n = q.shape
+    qs = q.reshape(out, n // BLOCK, BLOCK).numpy().view(np.uint8)
+    d = s.numpy().astype(np.float16).view(np.uint8).reshape(out, n // BLOCK, 2)
+    return np.concatenate([d, qs], axis=-1).reshape(out, -1)
+
+
+def _rope_permute(t: np.ndarray, n_head: int) -> np.ndarray:
+    """HF's rotate-half rows -> llama.cpp's interleaved pairs (as convert_hf_to_gguf does).
+
+    Rows move whole, so a row's quantization blocks move with it unchanged.
+    """
+    return (
+        t.reshape(n_head, 2, t.shape[0] // n_head // 2, *t.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(t.shape)
+    )
+
+
+def _tensor(mod: nn.Module, permute_heads: int | None = None):
+    kind = gguf_type_for(mod)
+    if kind == "F32":
+        data = (mod.quantized_weight() if isinstance(mod, QATMixin) else mod.weight).detach()
+        arr = data.float().numpy()
+    else:
+        q, s = _codes_and_scales(mod)
+        arr = q4_0_blocks(q, s) if kind == "Q4_0" else q8_0_blocks(q, s)
+    if permute_heads:
+        arr = _rope_permute(arr, permute_heads)
+    return arr, kind
+
+
+def write_gguf(model: nn.Module, path: str | Path, vocab: list[str] | None = None) -> Path:
+    """Write the (prepared, trained) llama-style `GPT` as a GGUF file, atomically.
+
+    `vocab` is the character vocabulary (id -> string; id 0 the unknown token).
+    """
+    import gguf
+
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(model, "blocks") or not hasattr(model, "lm_head"):
+        raise ValueError("GGUF export supports qat's llama-style GPT (builder 'gpt') only")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        w = gguf.GGUFWriter(tmp, "llama")
+        w.add_name("qat-gpt")
+        w.add_context_length(cfg.block_size)
+        w.add_embedding_length(cfg.d_model)
+        w.add_block_count(cfg.n_layer)
+        w.add_feed_forward_length(cfg.mlp_hidden)
+        w.add_head_count(cfg.n_head)
+        w.add_head_count_kv(cfg.n_head)
+        w.add_rope_dimension_count(cfg.d_model // cfg.n_head)
+        w.add_rope_freq_base(float(cfg.rope_theta))
+        w.add_layer_norm_rms_eps(float(cfg.norm_eps))
+        w.add_vocab_size(cfg.vocab_size)
+        _add_vocab(w, gguf, vocab, cfg.vocab_size)
+        for name, arr, kind in _tensors(model, cfg):
+            raw = None if kind == "F32" else getattr(gguf.GGMLQuantizationType, kind)
+            w.add_tensor(name, arr, raw_dtype=raw)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _tensors(model: nn.Module, cfg):
+    yield ("token_embd.weight", *_tensor(model.tok_emb))
+    for i, blk in enumerate(model.blocks):
+        p = f"blk.{i}"
+        yield (f"{p}.attn_norm.weight", blk.attn_norm.weight.detach().float().numpy(), "F32")
+        yield (f"{p}.attn_q.weight", *_tensor(blk.attn.q_proj, cfg.n_head))
+        yield (f"{p}.attn_k.weight", *_tensor(blk.attn.k_proj, cfg.n_head))
+        yield (f"{p}.attn_v.weight", *_tensor(blk.attn.v_proj))
+        yield (f"{p}.attn_output.weight", *_tensor(blk.attn.o_proj))
+        yield (f"{p}.ffn_norm.weight", blk.mlp_norm.weight.detach().float().numpy(), "F32")
+        yield (f"{p}.ffn_gate.weight", *_tensor(blk.mlp.gate_proj))
+        yield (f"{p}.ffn_up.weight", *_tensor(blk.mlp.up_proj))
+        yield (f"{p}.ffn_down.weight", *_tensor(blk.mlp.down_proj))
+    yield ("output_norm.weight", model.norm.weight.detach().float().numpy(), "F32")
+    yield ("output.weight", *_tensor(model.lm_head))
+
+
+def _add_vocab(w, gguf, vocab: list[str] | None, size: int) -> None:
+    if vocab is None:
+        vocab = ["<unk>"] + [chr(i) if 32 <= i < 127 else f"<0x{i:02X}>" for i in range(1, size)]
+    if len(vocab) != size:
+        raise ValueError(
+            f"vocabulary has {len(vocab)} entries but the model's vocab_size is {size}"
+        )
+    # SentencePiece-style: a space is '▁'; id 0 is the unknown token.
+    tokens = ["<unk>"] + [t.replace(" ", "\u2581") for t in vocab[1:]]
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * size)
+    w.add_token_types([gguf.TokenType.UNKNOWN] + [gguf.TokenType.NORMAL] * (size - 1))
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(False)

@@ -1,0 +1,182 @@
+"""The artifact's `manifest.json`: building it from an integer model, and checking one read back.
+
+Everything in a manifest is data: layer kinds are looked up in a fixed table, the model comes
+from the builder registry, and no name in it is ever imported or unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from pathlib import PurePosixPath
+from typing import Any
+
+import torch
+from torch import nn
+
+from qat.export.int_base import IntLayer
+from qat.export.int_layers import IntConv1d, IntConv2d, IntEmbedding, IntLinear
+
+FORMAT = "qat-int-artifact"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "weights.safetensors"
+MANIFEST_FILE = "manifest.json"
+
+LAYER_KINDS: dict[str, type[IntLayer]] = {
+    "IntLinear": IntLinear,
+    "IntConv1d": IntConv1d,
+    "IntConv2d": IntConv2d,
+    "IntEmbedding": IntEmbedding,
+}
+# The float module each integer layer replaces in the freshly built model.
+FLOAT_KINDS: dict[str, type[nn.Module]] = {
+    "IntLinear": nn.Linear,
+    "IntConv1d": nn.Conv1d,
+    "IntConv2d": nn.Conv2d,
+    "IntEmbedding": nn.Embedding,
+}
+
+
+class ArtifactError(ValueError):
+    """An export artifact is malformed, corrupted, or cannot be written or rebuilt."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def versions() -> dict[str, str]:
+    import safetensors
+
+    import qat
+
+    out = {
+        "qat": qat.__version__,
+        "torch": torch.__version__,
+        "safetensors": safetensors.__version__,
+        "python": platform.python_version(),
+    }
+    if "transformers" in sys.modules:
+        out["transformers"] = sys.modules["transformers"].__version__
+    return out
+
+
+def build_manifest(
+    model: nn.Module, tensors: dict[str, torch.Tensor], weights_bytes: int, sha256: str
+) -> dict[str, Any]:
+    """The manifest of `model` (an integer model) whose `tensors` were written to the file."""
+    name = getattr(model, "builder_name", None)
+    if name is None:
+        raise ArtifactError(
+            f"{type(model).__name__} has no builder_name, so a loader could not rebuild it; "
+            "build the model with qat.models.registry.build_model(name, **args)"
+        )
+    recipe = getattr(model, "qat_recipe", None)
+    layers = {}
+    for lname, mod in model.named_modules():
+        if isinstance(mod, IntLayer):
+            cfg = mod.layer_config()
+            cfg["tensors"] = sorted(k for k in tensors if k.startswith(f"{lname}."))
+            layers[lname] = cfg
+    float_bytes = getattr(model, "qat_float_bytes", None)
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "weights": {"file": WEIGHTS_FILE, "sha256": sha256, "bytes": weights_bytes},
+        "builder": {"name": name, "args": getattr(model, "build_args", {})},
+        "recipe": recipe.to_dict() if recipe is not None else None,
+        "layers": layers,
+        "folded_bn": list(getattr(model, "qat_folded_bn", [])),
+        "tensors": {
+            k: {"dtype": dtype_name(t.dtype), "shape": list(t.shape)} for k, t in tensors.items()
+        },
+        "sizes": {
+            "artifact_bytes": weights_bytes,
+            "float32_state_dict_bytes": float_bytes,
+            "ratio": weights_bytes / float_bytes if float_bytes else None,
+        },
+        "versions": versions(),
+    }
+
+
+def _need(d: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if not isinstance(d, dict) or key not in d:
+        raise ArtifactError(f"manifest: {where} has no {key!r}; the artifact is incomplete")
+    if not isinstance(d[key], kind):
+        raise ArtifactError(f"manifest: {where}.{key} has the wrong type ({type(d[key]).__name__})")
+    return d[key]
+
+
+def safe_file_name(name: Any) -> str:
+    """`name` if it is a plain file name (no directories, no '..'); an error otherwise."""
+    if (
+        not isinstance(name, str)
+        or not name
+        or "/" in name
+        or "\\" in name
+        or ".." in name
+        or PurePosixPath(name).name != name
+    ):
+        raise ArtifactError(
+            f"manifest: file name {name!r} is not a plain file name inside the artifact "
+            "(no '/', '\\' or '..'); refusing to read it"
+        )
+    return name
+
+
+def parse_manifest(text: str) -> dict[str, Any]:
+    """Parse and check the manifest's structure and format version."""
+    try:
+        m = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ArtifactError(
+            f"manifest.json is not valid JSON ({e}); the artifact is corrupted"
+        ) from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise ArtifactError(f"manifest.json is not a {FORMAT} manifest")
+    version = m.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(
+            f"artifact format version {version!r} is not supported: this qat reads version "
+            f"{FORMAT_VERSION}; re-export the model with this qat, or load it with the qat "
+            "version that wrote it"
+        )
+    weights = _need(m, "weights", dict, "manifest")
+    safe_file_name(_need(weights, "file", str, "weights"))
+    _need(weights, "sha256", str, "weights")
+    builder = _need(m, "builder", dict, "manifest")
+    _need(builder, "name", str, "builder")
+    _need(builder, "args", dict, "builder")
+    for key in ("layers", "tensors"):
+        _need(m, key, dict, "manifest")
+    _need(m, "folded_bn", list, "manifest")
+    for lname, cfg in m["layers"].items():
+        kind = _need(cfg, "kind", str, f"layers[{lname!r}]")
+        if kind not in LAYER_KINDS:
+            raise ArtifactError(
+                f"manifest: layer {lname!r} has kind {kind!r}; known kinds: "
+                + ", ".join(LAYER_KINDS)
+            )
+        _need(cfg, "args", dict, f"layers[{lname!r}]")
+        _need(cfg, "specs", dict, f"layers[{lname!r}]")
+    return m
+
+
+def check_tensors(expected: dict[str, Any], found: dict[str, torch.Tensor]) -> None:
+    """Every tensor the manifest lists is in the file with its dtype and shape, and no other."""
+    for key, meta in expected.items():
+        if key not in found:
+            raise ArtifactError(
+                f"tensor {key!r} listed in manifest.json is missing from {WEIGHTS_FILE}; "
+                "the artifact is incomplete: re-export it"
+            )
+        t = found[key]
+        if dtype_name(t.dtype) != meta.get("dtype") or list(t.shape) != meta.get("shape"):
+            raise ArtifactError(
+                f"tensor {key!r} is {dtype_name(t.dtype)}{list(t.shape)} in {WEIGHTS_FILE} but "
+                f"{meta.get('dtype')}{meta.get('shape')} in manifest.json; re-export the artifact"
+            )
+    extra = sorted(set(found) - set(expected))
+    if extra:
+        raise ArtifactError(f"{WEIGHTS_FILE} holds tensors the manifest does not list: {extra[:5]}")

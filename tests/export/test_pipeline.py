@@ -1,0 +1,61 @@
+"""`export_model` (convert, gate, save in one call) and the runnable docstring examples."""
+
+import doctest
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import qat
+from qat.export import IntLayer, ParityError, export_model
+
+from .helpers import recipe, trained
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_export_model_gates_prints_and_saves_the_report(tmp_path):
+    model, batches = trained("cnn", recipe("w4a8"))
+    lines: list[str] = []
+    int_model, report, path = export_model(model, batches, tmp_path / "cnn", log=lines.append)
+    assert "output" in lines[0] and report.output.top1 == 1.0
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["parity"]["output"]["rel"] == report.output.rel
+    with torch.no_grad():
+        assert torch.equal(qat.load(path)(batches[0]), int_model(batches[0]))
+
+
+def test_failed_gate_raises_and_writes_nothing(tmp_path):
+    model, batches = trained("cnn", recipe("w8a8"))
+
+    def forward(m, batch):  # an integer model that is off by 1e-3 of the logits' scale
+        out = m(batch)
+        return out * 1.001 if isinstance(m.conv1, IntLayer) else out
+
+    with pytest.raises(
+        ParityError, match=r"(?s)output: relative error 1\.000e-03 > 1\.0e-04.*top1"
+    ):
+        export_model(model, batches, tmp_path / "cnn", forward=forward, log=None)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "qat.export.packing",
+        "qat.export.int_layers",
+        "qat.export.convert",
+        "qat.export.parity",
+        "qat.export.report",
+        "qat.export.int_base",
+        "qat.export.pipeline",
+        "qat.export.artifact",
+    ],
+)
+def test_docstring_examples_run(module, monkeypatch, tmp_path):
+    monkeypatch.chdir(REPO)  # examples read configs/recipe/*.yaml
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
