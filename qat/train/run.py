@@ -103,7 +103,10 @@ def evaluate(cfg: DictConfig, module: QATModule, dm: Any, out_dir: Path) -> dict
 
 
 def fit(cfg, module, dm, out_dir, stage, max_steps, ckpt_path=None, extra_callbacks=()):
+    """Train `module` for `max_steps` optimizer steps (0: nothing to do, e.g. PTQ)."""
     trainer = make_trainer(cfg, out_dir, stage, max_steps)
+    if max_steps == 0 and ckpt_path is None:
+        return trainer
     trainer.callbacks.extend(extra_callbacks)
     loader = stream_loader(dm, int(cfg.seed))
     if ckpt_path is not None:  # resume the data stream where the checkpoint left it
@@ -194,6 +197,12 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     fit(cfg, module, dm, out_dir, "qat", steps, ckpt_path, [QATScheduleCallback(sched, every)])
     results["qat"] = evaluate(cfg, module, dm, out_dir)
     results["qat_checkpoint"] = str(out_dir / "checkpoints" / "last.ckpt")
+    if cfg.export.get("enabled", True) and not recipe.is_float() and _is_rank_zero():
+        from qat.train.export_task import export_trained
+
+        int_model, results["artifacts"] = export_trained(cfg, model, dm, out_dir)
+        int_module = make_module(cfg, int_model, dm, meta, teacher=teacher)
+        results["export"] = evaluate(cfg, int_module, dm, out_dir / "export")
     if _is_rank_zero():
         write_json_atomic(out_dir / "metrics.json", results)
         print_summary(results, cfg.module.task)
@@ -210,33 +219,42 @@ def _needs_teacher(cfg: DictConfig) -> bool:
 
 
 def run_eval(cfg: DictConfig) -> dict[str, Any]:
-    """Evaluate a checkpoint's fake-quant model (and, with `eval.without_fake_quant`, the same
-    weights with fake quant off). Model and recipe come from the checkpoint's metadata."""
-    ckpt_path = resolve_ckpt(cfg)
-    if ckpt_path is None:
-        raise ValueError("task=eval needs ckpt_path=<checkpoint> (or ckpt_path=last)")
-    ckpt = load_checkpoint(ckpt_path)
-    meta = ckpt.get("qat_meta") or {}
-    dm = build_data(cfg)
-    model = build_model(meta["model"]["builder"], **meta["model"]["args"])
-    if meta.get("recipe") is not None:
-        qat.prepare(model, meta["recipe"])
-    model.load_state_dict(model_state(ckpt))
-    model.apply(qat.quant.disable_observer)
-    teacher = None
-    if cfg.module.task == "embedding":  # the float model the student was distilled from
-        teacher = build_model(meta["model"]["builder"], **meta["model"]["args"])
-    module = make_module(cfg, model, dm, meta, teacher=teacher)
+    """Evaluate a checkpoint's fake-quant model (model and recipe from its metadata; with
+    `eval.without_fake_quant` also the same weights with fake quant off), or an exported
+    artifact (`artifact=DIR`, the integer model)."""
     out_dir = Path(cfg.paths.output_dir)
-    results: dict[str, Any] = {
-        "checkpoint": ckpt_path,
-        "fake_quant": evaluate(cfg, module, dm, out_dir),
-    }
-    if cfg.get("eval", {}).get("without_fake_quant", False):
-        model.apply(qat.quant.disable_fake_quant)
-        results["without_fake_quant"] = evaluate(cfg, module, dm, out_dir)
+    dm = build_data(cfg)
+    embedding = cfg.module.task == "embedding"
+    if cfg.get("artifact"):
+        from qat.train.export_task import teacher_for_artifact
+
+        model = qat.load(cfg.artifact)
+        teacher = teacher_for_artifact(cfg.artifact) if embedding else None
+        module = make_module(cfg, model, dm, {}, teacher=teacher)
+        results: dict[str, Any] = {
+            "artifact": str(cfg.artifact),
+            "integer": evaluate(cfg, module, dm, out_dir),
+        }
+    else:
+        ckpt_path = resolve_ckpt(cfg)
+        if ckpt_path is None:
+            raise ValueError("task=eval needs ckpt_path=<checkpoint> (or last) or artifact=<dir>")
+        from qat.train.export_task import model_from_checkpoint
+
+        ckpt = load_checkpoint(ckpt_path)
+        meta = ckpt.get("qat_meta") or {}
+        model = model_from_checkpoint(ckpt)
+        model.apply(qat.quant.disable_observer)
+        teacher = None
+        if embedding:  # the float model the student was distilled from
+            teacher = build_model(meta["model"]["builder"], **meta["model"]["args"])
+        module = make_module(cfg, model, dm, meta, teacher=teacher)
+        results = {"checkpoint": ckpt_path, "fake_quant": evaluate(cfg, module, dm, out_dir)}
+        if cfg.get("eval", {}).get("without_fake_quant", False):
+            model.apply(qat.quant.disable_fake_quant)
+            results["without_fake_quant"] = evaluate(cfg, module, dm, out_dir)
     if _is_rank_zero():
-        write_json_atomic(Path(cfg.paths.output_dir) / "eval.json", results)
+        write_json_atomic(out_dir / "eval.json", results)
         print(json.dumps(results, indent=2))
     return results
 
