@@ -25,21 +25,22 @@ class _FakeQuant(torch.autograd.Function):
     def forward(ctx, v, scale, zp, qmin, qmax, mode, grad_factor):  # noqa: D102
         s = scale[..., None]
         xs = v / s
-        qu = torch.round(xs)
-        if zp is not None:
-            qu += zp[..., None]
-        q = qu.clamp(qmin, qmax)
+        r = torch.round(xs)
+        if zp is None:
+            out = r.clamp(qmin, qmax)
+        else:  # clamp(r + z, qmin, qmax) - z == clamp(r, qmin - z, qmax - z): z is an integer
+            z = zp[..., None]
+            out = torch.clamp(r, qmin - z, qmax - z)
         # Float mask (bool ops are several times slower on CPU): both are integer-valued, so
-        # |qu - q| is 0 inside the grid and >= 1 outside.
-        mask = qu.sub_(q).abs_().clamp_(max=1.0).neg_().add_(1.0)
-        out = q if zp is None else q.sub_(zp[..., None])
+        # |r - out| is 0 inside the grid and >= 1 outside.
+        mask = r.sub_(out).abs_().clamp_(max=1.0).neg_().add_(1.0)
         ds = None
         if mode != "ste" and ctx.needs_input_grad[1]:
             # LSQ: round(x/s) - x/s inside (= out - x/s there), q - z outside; PACT: q - z outside.
             ds = out - xs.mul_(mask) if mode == "lsq" else out * (1.0 - mask)
         ctx.grad_factor = grad_factor
         ctx.save_for_backward(mask, ds, scale)
-        return out * s
+        return out.mul_(s)
 
     @staticmethod
     def backward(ctx, g):  # noqa: D102
@@ -47,10 +48,17 @@ class _FakeQuant(torch.autograd.Function):
         gx = g * mask if ctx.needs_input_grad[0] else None
         gs = gz = None
         if ds is not None:
-            gs = (g * ds).sum(-1) * ctx.grad_factor
+            gs = _rowdot(g, ds) * ctx.grad_factor
         if ctx.needs_input_grad[2]:
-            gz = (g * mask - g).sum(-1) * scale * ctx.grad_factor
+            gz = (_rowdot(g, mask) - g.sum(-1)) * scale * ctx.grad_factor
         return gx, gs, gz, None, None, None, None
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`(a * b).sum(-1)` through BLAS (one pass, no temporary)."""
+    if a.dim() == 1:
+        return torch.dot(a, b)
+    return torch.einsum("...r,...r->...", a, b)
 
 
 def fake_quantize(

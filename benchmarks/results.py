@@ -1,0 +1,204 @@
+"""Accuracy of float vs PTQ vs QAT, measured on the exported integer model (parity-gated).
+
+Protocol, per seed: train the float model; from that checkpoint run PTQ (calibrate, no weight
+updates, export) and QAT (the recipe's schedule for N steps, export) for each recipe, and
+continue the float model for the same N steps (the fair baseline). Mean and std over seeds.
+
+    .venv/bin/python benchmarks/results.py --task digits --seeds 0 1 2
+    .venv/bin/python benchmarks/results.py --task shakespeare --seeds 0 1 2
+    .venv/bin/python benchmarks/results.py --task minilm --seeds 0 1 2
+
+Writes benchmarks/results/<task>.csv (one row per run) and <task>.md (the table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+TASKS: dict[str, dict[str, Any]] = {
+    "digits": {
+        "experiment": "digits_w4a4",
+        "recipes": ["w8a8", "w4a4_lsq", "w2a2_lsq"],
+        "metric": "acc",
+        "overrides": [],
+    },
+    "shakespeare": {
+        "experiment": "shakespeare_w4g32a8",
+        "recipes": ["w8a8", "w4g32_a8dyn", "w4g32"],
+        "metric": "ppl",
+        # Shorter than the experiment file (1000 float + 300 QAT steps, batch 32) so that
+        # 3 seeds x 8 runs fit in about half an hour on 2 cores.
+        "overrides": ["float_stage.max_steps=600", "trainer.max_steps=200", "data.batch_size=16",
+                      "trainer.val_check_interval=100"],
+    },
+    "minilm": {
+        "experiment": "minilm_w8a8_kd",
+        "recipes": ["w8a8", "w4a8"],
+        "metric": "cosine",
+        "overrides": [],
+    },
+}
+QUIET = ["trainer.enable_progress_bar=false", "~callbacks.progress_bar", "logger=none"]
+
+
+def compose(overrides: list[str], out: Path):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = hydra_compose("train", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(ROOT)
+        cfg.paths.data_dir = str(ROOT / "data_cache")
+        cfg.paths.log_dir = str(out.parent)
+        cfg.paths.output_dir = str(out)
+        cfg.hydra.runtime.output_dir = str(out)
+        cfg.hydra.job.num = 0
+    HydraConfig().set_config(cfg)
+    return cfg
+
+
+def one_run(overrides: list[str], out: Path) -> dict[str, Any]:
+    from qat.train.run import run
+
+    t0 = time.perf_counter()
+    res = run(compose(overrides, out))
+    res["seconds"] = time.perf_counter() - t0
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--task", choices=sorted(TASKS), required=True)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--recipes", nargs="*", help="subset of the task's recipes")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--runs-dir", type=Path, default=ROOT / "outputs" / "benchmarks")
+    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
+    args = ap.parse_args()
+    spec = TASKS[args.task]
+    m = spec["metric"]
+    base = [f"experiment={spec['experiment']}", *QUIET, *spec["overrides"], *args.overrides]
+    rows: list[dict[str, Any]] = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    csv_path = args.out / f"{args.task}.csv"
+    for seed in args.seeds:
+        root = args.runs_dir / args.task / f"seed{seed}"
+        s = [f"seed={seed}"]
+        fl = one_run(base + s + ["recipe=fp32", "trainer.max_steps=0"], root / "float")
+        rows.append(_row(seed, "float", "-", fl["float"], fl, m))
+        ckpt = root / "float" / "float" / "checkpoints" / "last.ckpt"
+        init = [f"init_from={ckpt}"] if ckpt.is_file() else []  # pretrained models: no float run
+        cont = one_run(base + s + init + ["recipe=fp32"], root / "float_cont")
+        rows.append(_row(seed, "float (continued)", "-", cont["qat"], cont, m))
+        for recipe in args.recipes or spec["recipes"]:
+            ptq = one_run(base + s + init + [f"recipe={recipe}", "trainer.max_steps=0"],
+                          root / f"ptq_{recipe}")
+            rows.append(_row(seed, "PTQ", recipe, ptq["export"], ptq, m))
+            q = one_run(base + s + init + [f"recipe={recipe}"], root / f"qat_{recipe}")
+            rows.append(_row(seed, "QAT", recipe, q["export"], q, m))
+            _write_csv(csv_path, rows)
+            print(f"[{args.task}] seed {seed} {recipe}: PTQ {rows[-2]['test']:.4f} "
+                  f"QAT {rows[-1]['test']:.4f}", flush=True)
+    _write_csv(csv_path, rows)
+    (args.out / f"{args.task}.md").write_text(table(rows, m, args.task))
+    print(table(rows, m, args.task))
+
+
+def _row(seed, method, recipe, metrics, res, m) -> dict[str, Any]:
+    artifact = (res.get("artifacts") or {}).get("qat", "")
+    row = {"seed": seed, "method": method, "recipe": recipe, "test": metrics[f"test/{m}"],
+           "val": metrics[f"val/{m}"], "seconds": round(res["seconds"], 1),
+           "artifact": artifact}
+    if m == "cosine":
+        row["nn_agreement"] = retrieval_agreement(artifact) if artifact else 1.0
+    return row
+
+
+def retrieval_agreement(artifact: str, n: int = 500) -> float:
+    """Top-1 nearest-neighbour agreement on held-out sentences: for each test sentence, is
+    its nearest other sentence the same under the exported model as under the float model?"""
+    import torch
+
+    import qat
+    from qat.data import SentencesDataModule
+    from qat.models.registry import build_model
+
+    dm = SentencesDataModule(data_dir=str(ROOT / "data_cache"), batch_size=64, seed=0)
+    dm.setup()
+    q_model, f_model = qat.load(artifact), build_model("minilm").eval()
+    embs: dict[str, list[torch.Tensor]] = {"q": [], "f": []}
+    with torch.no_grad():
+        for batch in dm.test_dataloader():
+            args = (batch["input_ids"], batch["attention_mask"])
+            embs["q"].append(q_model(*args))
+            embs["f"].append(f_model(*args))
+    nn_idx = {}
+    for k, parts in embs.items():
+        e = torch.nn.functional.normalize(torch.cat(parts)[:n], dim=-1)
+        sim = e @ e.T
+        sim.fill_diagonal_(-2.0)
+        nn_idx[k] = sim.argmax(-1)
+    return float((nn_idx["q"] == nn_idx["f"]).float().mean())
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def table(rows: list[dict[str, Any]], m: str, task: str) -> str:
+    groups: dict[tuple[str, str], list[float]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["recipe"]), []).append(float(r["test"]))
+    scale = 100.0 if m == "acc" else 1.0
+    unit = " (%)" if m == "acc" else ""
+
+    def fmt(vals: list[float]) -> str:
+        mean = statistics.mean(vals) * scale
+        sd = statistics.stdev(vals) * scale if len(vals) > 1 else 0.0
+        return f"{mean:.4f} ± {sd:.4f}" if m == "cosine" else f"{mean:.2f} ± {sd:.2f}"
+
+    n = len({r["seed"] for r in rows})
+    head = f"| method | recipe | test {m}{unit}, mean ± std over {n} seeds |"
+    lines = [head, "|---|---|---|"]
+    if m == "cosine":
+        lines = [head[:-1] + " NN top-1 agreement |", "|---|---|---|---|"]
+    for (method, recipe), vals in groups.items():
+        extra = ""
+        if m == "cosine":
+            nn = [float(r["nn_agreement"]) for r in rows
+                  if (r["method"], r["recipe"]) == (method, recipe)]
+            extra = f" {fmt(nn)} |"
+        lines.append(f"| {method} | {recipe} | {fmt(vals)} |{extra}")
+    if m == "ppl":
+        fl = statistics.mean(groups[("float", "-")])
+        lines += ["", "| recipe | share of PTQ degradation recovered by QAT |", "|---|---|"]
+        for (method, recipe), vals in groups.items():
+            if method == "QAT":
+                ptq = statistics.mean(groups[("PTQ", recipe)])
+                share = (ptq - statistics.mean(vals)) / (ptq - fl) if ptq != fl else float("nan")
+                lines.append(f"| {recipe} | {share:.0%} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
