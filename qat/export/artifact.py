@@ -115,7 +115,12 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     path = Path(directory) / mf.MANIFEST_FILE
     if not path.is_file():
         raise ArtifactError(f"{path} does not exist: {directory} is not a qat export artifact")
-    return mf.parse_manifest(path.read_text())
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ArtifactError(f"{path} is not valid UTF-8 JSON ({e.reason} at byte {e.start}): "
+                            "the manifest is damaged; export the model again") from None
+    return mf.parse_manifest(text)
 
 
 def _read_tensors(directory: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -183,6 +188,19 @@ def load(directory: str | os.PathLike) -> nn.Module:
         'IntConv2d'
     """
     directory = Path(directory)
+    try:
+        return _load(directory)
+    except ArtifactError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+        # A field that passed the manifest's structural checks but not the model's rules.
+        raise ArtifactError(
+            f"{directory}: the manifest describes something that cannot be rebuilt "
+            f"({type(e).__name__}: {e}); the artifact is damaged or was edited"
+        ) from None
+
+
+def _load(directory: Path) -> nn.Module:
     manifest = read_manifest(directory)
     tensors = _read_tensors(directory, manifest)
     name, args = manifest["builder"]["name"], manifest["builder"]["args"]
