@@ -63,6 +63,8 @@ def make_trainer(
 ) -> L.Trainer:
     """The configured Trainer; `single=True` for evaluation (one process, even under DDP)."""
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    if single:  # evaluation never writes checkpoints
+        callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.ModelCheckpoint)]
     for cb in callbacks:
         if isinstance(cb, L.pytorch.callbacks.ModelCheckpoint):
             cb.dirpath = str(out_dir / "checkpoints")
