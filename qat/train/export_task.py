@@ -65,7 +65,8 @@ def export_trained(
         vocab = list(dm.vocab) if hasattr(dm, "vocab") else None
         out["gguf"] = str(write_gguf(model, out_dir / "export" / "model.gguf", vocab=vocab))
     if "onnx" in formats:
-        from qat.export.onnx import export_onnx, onnx_parity
+        from qat.export.onnx import export_onnx
+        from qat.export.onnx_parity import onnx_parity
 
         inputs = [_as_inputs(task, b) for b in batches]
         names = ["input_ids", "attention_mask"] if embedding else ["x"]

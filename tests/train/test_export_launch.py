@@ -11,9 +11,11 @@ from .conftest import TINY
 
 
 def test_training_exports_and_the_artifact_evaluates_like_the_checkpoint(make_cfg):
-    cfg = make_cfg(TINY + ["recipe=w8a8"])
+    cfg = make_cfg(TINY + ["recipe=w8a8", "export.formats=[qat,onnx]"])
     res = run(cfg)
     out = Path(cfg.paths.output_dir)
+    assert (out / "export" / "model.onnx").is_file()
+    assert res["artifacts"]["onnx_parity"]["top1"] == 1.0
     art = out / "export" / "qat"
     assert (art / "manifest.json").is_file() and (art / "weights.safetensors").is_file()
     manifest = json.loads((art / "manifest.json").read_text())

@@ -1,0 +1,160 @@
+"""Tables and plots from the results runs: artifact size per recipe, metric against size per
+task, and per-layer quantization error (SQNR) of the digits CNN.
+
+    .venv/bin/python benchmarks/report.py          # after benchmarks/results.py
+
+Reads benchmarks/results/<task>.csv and the artifacts' manifests; writes sizes.md,
+<task>_vs_size.png and layer_sqnr.png into benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+OUT = ROOT / "benchmarks" / "results"
+LABEL = {"digits": "test accuracy", "shakespeare": "test perplexity", "minilm": "cosine to float"}
+
+
+def rows(task: str) -> list[dict]:
+    path = OUT / f"{task}.csv"
+    return list(csv.DictReader(path.open())) if path.is_file() else []
+
+
+def sizes(task: str) -> dict[str, tuple[int, int]]:
+    """recipe -> (artifact bytes, float32 state_dict bytes), from the manifests."""
+    out = {}
+    for r in rows(task):
+        if r["artifact"] and r["recipe"] not in out:
+            s = json.loads((Path(r["artifact"]) / "manifest.json").read_text())["sizes"]
+            out[r["recipe"]] = (s["artifact_bytes"], s["float32_state_dict_bytes"])
+    return out
+
+
+def size_table() -> str:
+    lines = ["| task (model) | recipe | artifact (KiB) | float32 (KiB) | ratio |",
+             "|---|---|---|---|---|"]
+    names = {"digits": "digits (ResNet CNN)", "shakespeare": "shakespeare (GPT tiny)",
+             "minilm": "MiniLM (BERT 22.7M)"}
+    for task in ("digits", "shakespeare", "minilm"):
+        for recipe, (a, f) in sizes(task).items():
+            lines.append(f"| {names[task]} | {recipe} | {a / 1024:.0f} | {f / 1024:.0f} | "
+                         f"{a / f:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_vs_size(task: str) -> None:
+    rs, sz = rows(task), sizes(task)
+    if not rs or not sz:
+        return
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    floats = [float(r["test"]) for r in rs if r["method"] == "float"]
+    f_bytes = next(iter(sz.values()))[1]
+    ax.axhline(statistics.mean(floats), color="gray", ls="--", label="float32")
+    for method, marker in (("PTQ", "x"), ("QAT", "o")):
+        xs, ys, labels = [], [], []
+        for recipe, (a, _) in sz.items():
+            vals = [float(r["test"]) for r in rs if r["method"] == method and r["recipe"] == recipe]
+            if vals:
+                xs.append(a / 1024), ys.append(statistics.mean(vals)), labels.append(recipe)
+        ax.scatter(xs, ys, marker=marker, label=method)
+        for x, y, lab in zip(xs, ys, labels, strict=True):
+            ax.annotate(lab, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.scatter([f_bytes / 1024], [statistics.mean(floats)], color="gray")
+    ax.set_xscale("log")
+    ax.set_xlabel("artifact size (KiB, log)")
+    ax.set_ylabel(LABEL[task])
+    if task == "shakespeare":
+        ax.set_yscale("log")
+    ax.set_title(f"{task}: exported integer model, mean of seeds")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(OUT / f"{task}_vs_size.png", dpi=120)
+    plt.close(fig)
+
+
+def layer_sqnr() -> None:
+    """Per-layer output SQNR (dB) of the digits CNN after PTQ calibration (20 training
+    batches) with each recipe: fake quant on against the same float weights, fake quant off."""
+    import numpy as np
+
+    import qat
+    from qat.data import DigitsDataModule
+    from qat.models.registry import build_model
+    from qat.train.checkpoint import load_checkpoint, model_state
+
+    fckpt = ROOT / "outputs/benchmarks/digits/seed0/float/float/checkpoints/last.ckpt"
+    if not fckpt.is_file():
+        return
+    dm = DigitsDataModule(data_dir=str(ROOT / "data_cache"))
+    dm.setup()
+    x = next(iter(dm.test_dataloader()))["x"]
+    recipes = ["w8a8", "w4a4_lsq", "w2a2_lsq"]
+    table: dict[str, list[float]] = {}
+    names: list[str] = []
+    for recipe in recipes:
+        model = build_model("cnn")
+        model.load_state_dict(model_state(load_checkpoint(fckpt)))
+        qat.prepare(model, ROOT / "configs" / "recipe" / f"{recipe}.yaml")
+        qat.quant.calibrate(model, (b["x"] for b in dm.train_dataloader()), 20)
+        model.eval().apply(qat.quant.disable_observer)
+        names = [n for n, m in model.named_modules() if hasattr(m, "weight_quant")]
+        outs: dict[str, dict[str, torch.Tensor]] = {"q": {}, "f": {}}
+        current = {"run": "q"}
+        for n in names:
+            model.get_submodule(n).register_forward_hook(
+                lambda mod, inp, out, n=n, o=outs, c=current: o[c["run"]].__setitem__(
+                    n, out.detach()
+                )
+            )
+        with torch.no_grad():
+            for run, switch in (("q", qat.quant.enable_fake_quant),
+                                ("f", qat.quant.disable_fake_quant)):
+                current["run"] = run
+                model.apply(switch)
+                model(x)
+        table[recipe] = [
+            10 * torch.log10(outs["f"][n].pow(2).mean()
+                             / (outs["q"][n] - outs["f"][n]).pow(2).mean()).item()
+            for n in names
+        ]
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    pos = np.arange(len(names))
+    for i, recipe in enumerate(recipes):
+        ax.bar(pos + (i - 1) * 0.27, table[recipe], width=0.27, label=recipe)
+    ax.set_xticks(pos, names, rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel("output SQNR (dB)")
+    ax.set_title("digits CNN after PTQ: per-layer output SQNR vs float (errors accumulate)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(OUT / "layer_sqnr.png", dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from results import TASKS, table
+
+    for task, spec in TASKS.items():  # the tables again from the CSVs (partial runs too)
+        if rows(task):
+            (OUT / f"{task}.md").write_text(table(rows(task), spec["metric"], task))
+    (OUT / "sizes.md").write_text(size_table())
+    print(size_table())
+    for task in ("digits", "shakespeare", "minilm"):
+        plot_vs_size(task)
+    layer_sqnr()
+
+
+if __name__ == "__main__":
+    main()

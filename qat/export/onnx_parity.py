@@ -1,0 +1,216 @@
+"""The parity gate for the ONNX target: ONNX Runtime against the integer executor.
+
+    report = onnx_parity_report(int_model, "model.onnx", batches)   # per-layer, like parity.py
+    report.check()                                                  # ParityError if exceeded
+    onnx_parity(int_model, "model.onnx", batches)                   # the same, as a dict
+
+Both compute the same integer codes from the same fp32 input, but the fp32 values between
+quantizers differ in the last bits (ONNX Runtime's integer kernels apply `s_x * s_w` in fp32, a
+conv feeding a quantizer directly becomes QLinearConv and requantizes in fixed point, and its
+LayerNorm, Softmax and pooling kernels sum in another order). A value within that distance of a
+rounding boundary is then quantized to neighbouring codes, exactly the ties `qat.export.parity`
+describes. So the gate works the same way:
+
+- *free running*: the exported model, as deployed, against the integer executor;
+- *aligned*: a copy of the model that also outputs every layer's quantizer inputs and outputs
+  (the tap tensors recorded at export) runs once; the executor then quantizes ONNX Runtime's
+  value wherever its own is within `tie_tolerance` steps of it, and every layer's output is
+  compared. Exposing those tensors stops a few fusions (e.g. Conv -> Relu -> Q into
+  QLinearConv), so the aligned run checks the unfused kernels layer by layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from qat.export import onnx_graph
+from qat.export.int_base import IntLayer
+from qat.export.onnx import ort_session, require_onnx
+from qat.export.parity import _Aligner, as_tensor
+from qat.export.report import ParityReport, TensorParity
+
+
+@dataclass
+class OnnxParityReport(ParityReport):
+    """`ParityReport` plus the share of bit-identical free-running outputs.
+
+    Example:
+        >>> out = TensorParity("output", max_abs=1e-7, max_ref=1.0, top1=1.0, calls=1)
+        >>> OnnxParityReport(out, exact_share=0.75).to_dict()["exact_share"]
+        0.75
+    """
+
+    exact_share: float = 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "exact_share": self.exact_share}
+
+
+def _feeds(session: Any, names: list[str], batch: tuple[torch.Tensor, ...]) -> dict[str, Any]:
+    wanted = {i.name for i in session.get_inputs()}  # the exporter drops unused inputs
+    return {n: x.detach().cpu().numpy() for n, x in zip(names, batch, strict=False) if n in wanted}
+
+
+def _taps_by_layer(taps: dict[str, str], values: dict[str, np.ndarray]) -> dict:
+    """`{(layer, role): [tensor per call]}` from ONNX Runtime's tap outputs."""
+    out: dict[tuple[str, str], list[tuple[int, torch.Tensor]]] = {}
+    for key, name in taps.items():
+        layer, role, call = key.split("|")
+        out.setdefault((layer, role), []).append((int(call), torch.from_numpy(values[name])))
+    return {k: [t for _, t in sorted(v, key=lambda c: c[0])] for k, v in out.items()}
+
+
+class _Recorder:
+    """Forward hooks collecting every integer layer's outputs, per call."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        self.outs: dict[str, list[torch.Tensor]] = {}
+        self.handles = [model.get_submodule(n).register_forward_hook(self._hook(n)) for n in names]
+
+    def _hook(self, name: str) -> Any:
+        def hook(_mod: nn.Module, _args: Any, out: torch.Tensor) -> None:
+            self.outs.setdefault(name, []).append(out.detach())
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+@torch.no_grad()
+def onnx_parity_report(
+    int_model: nn.Module,
+    path: str | Path,
+    batches: Iterable[tuple[torch.Tensor, ...]],
+    tie_tolerance: float = 0.01,
+    threads: int | None = None,
+) -> OnnxParityReport:
+    """Run each batch (the model's positional inputs) through ONNX Runtime and `int_model`.
+
+    Returns a `ParityReport` (`OnnxParityReport`): `free_running` is the deployed model against
+    the executor, `output` and `layers` the aligned run (see the module docstring), `check()`
+    the gate, `exact_share` the share of bit-identical free-running outputs.
+    """
+    onnx, _ = require_onnx()
+    model = onnx.load(str(path))
+    taps = onnx_graph.metadata(model, onnx_graph.TAPS_KEY) or {}
+    names = onnx_graph.metadata(model, onnx_graph.INPUTS_KEY) or []
+    deployed = ort_session(model, threads)
+    tapped = ort_session(onnx_graph.with_outputs(model, list(taps.values())), threads)
+    out_name = deployed.get_outputs()[0].name
+    # Layers whose result the model's output never uses (an unused pooler) are not exported.
+    exported = {key.split("|")[0] for key in taps}
+    layer_names = [
+        n for n, m in int_model.named_modules() if isinstance(m, IntLayer) and n in exported
+    ]
+    layers = {n: TensorParity(n) for n in layer_names}
+    free = TensorParity("output (free running)")
+    report = OnnxParityReport(
+        TensorParity("output"), list(layers.values()), free, tie_tolerance=tie_tolerance
+    )
+    equal = total = 0
+    was_training = int_model.training
+    int_model.eval()
+    try:
+        for batch in batches:
+            batch = tuple(batch)
+            ref = as_tensor(int_model(*batch))
+            got = torch.from_numpy(deployed.run([out_name], _feeds(deployed, names, batch))[0])
+            report.free_running.add(ref, got, rows=True)  # raises if the shapes differ
+            equal, total = equal + int((got == ref).sum()), total + ref.numel()
+            wanted = [out_name, *taps.values()]
+            values = dict(zip(wanted, tapped.run(wanted, _feeds(tapped, names, batch)),
+                              strict=True))  # fmt: skip
+            by_layer = _taps_by_layer(taps, values)
+            _aligned_batch(int_model, layer_names, by_layer, values[out_name], batch, report)
+            report.batches += 1
+    finally:
+        int_model.train(was_training)
+    report.exact_share = equal / total if total else 1.0
+    return report
+
+
+def _aligned_batch(
+    int_model: nn.Module,
+    layer_names: list[str],
+    by_layer: dict,
+    onnx_out: np.ndarray,
+    batch: tuple[torch.Tensor, ...],
+    report: ParityReport,
+) -> None:
+    """The executor with ONNX Runtime's ties; per-layer and output errors into `report`."""
+    mods = {id(int_model.get_submodule(n)): n for n in layer_names}
+    quant_in = {k: v for k, v in by_layer.items() if k[1] in ("input", "output")}
+    aligner = _Aligner(quant_in, mods, report.tie_tolerance)
+    recorder = _Recorder(int_model, layer_names)
+    for n in layer_names:
+        int_model.get_submodule(n).align_act = aligner if report.tie_tolerance > 0 else None
+    try:
+        out = as_tensor(int_model(*batch))
+    finally:
+        recorder.remove()
+        for n in layer_names:
+            int_model.get_submodule(n).align_act = None
+    report.output.add(out, torch.from_numpy(onnx_out), rows=True)
+    for n in layer_names:
+        refs, outs = by_layer.get((n, "out"), []), recorder.outs.get(n, [])
+        if len(refs) != len(outs):
+            raise ValueError(
+                f"{n} ran {len(outs)} time(s) in the integer model but {len(refs)} in ONNX "
+                "Runtime on the same batch (a layer called in Python control flow the trace "
+                "did not follow?)"
+            )
+        for r, o in zip(refs, outs, strict=True):
+            report.layers[layer_names.index(n)].add(o, r)
+    report.aligned += aligner.aligned
+    report.max_tie_distance = max(report.max_tie_distance, aligner.max_distance)
+
+
+def onnx_parity(
+    int_model: nn.Module,
+    path: str | Path,
+    batches: list[tuple[torch.Tensor, ...]],
+    tie_tolerance: float = 0.01,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """ONNX Runtime (CPU) against the integer executor on `batches`, as a JSON-ready dict.
+
+    Top level, the model as deployed (free running): `max_abs`, `rel` (= max|a-b| / max|a|,
+    a = the executor), `exact_share` (share of bit-identical outputs), `top1` (argmax
+    agreement over the last dim, for logits), `min_cosine`; `aligned` the same for the aligned
+    run, `failures` what `ParityReport.check()` (default tolerances) objects to, and `report`
+    the full per-layer report. See `onnx_parity_report` for the gate itself.
+
+    Example:
+        >>> import qat, tempfile
+        >>> from qat.export.onnx import export_onnx
+        >>> m = qat.prepare(nn.Sequential(nn.Linear(8, 4)), {"rules": [
+        ...     {"match": {"types": ["Linear"]}, "weight": {"bits": 8}, "input": {"bits": 8}}]})
+        >>> _ = m(torch.randn(16, 8))
+        >>> int_model = qat.convert(m)
+        >>> path = export_onnx(int_model, (torch.randn(2, 8),), tempfile.mkdtemp() + "/m.onnx")
+        >>> result = onnx_parity(int_model, path, [(torch.randn(5, 8),)])
+        >>> result["top1"], result["failures"]
+        (1.0, [])
+    """
+    report = onnx_parity_report(int_model, path, batches, tie_tolerance, threads)
+    free, aligned = report.free_running, report.output
+
+    def summary(t: TensorParity) -> dict[str, Any]:
+        return {"max_abs": t.max_abs, "rel": t.rel, "top1": t.top1, "min_cosine": t.min_cosine}
+
+    return {
+        **summary(free),
+        "exact_share": report.exact_share,
+        "aligned": {**summary(aligned), "ties": report.aligned},
+        "failures": report.failures(),
+        "report": report.to_dict(),
+    }

@@ -1,0 +1,229 @@
+"""ONNX export: QDQ structure read back with `onnx`, ONNX Runtime against the integer executor."""
+
+import builtins
+import doctest
+import functools
+import importlib
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import qat
+from qat.export.onnx import export_onnx, ort_session
+from qat.export.onnx_parity import onnx_parity, onnx_parity_report
+from qat.export.onnx_vnni import cpu_has_vnni, emulate_no_vnni, pair_saturated_matmul
+
+from .helpers import recipe, trained
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+from onnx import TensorProto, numpy_helper  # noqa: E402
+
+# Aligned per-layer error where the integer arithmetic is exact: only the fp32 rescale and
+# float ops differ (measured <= 9e-7 on every model and recipe here).
+EXACT = 1e-6
+
+
+def _per_tensor_w8a8() -> qat.Recipe:
+    rules = recipe("w8a8").to_dict()["rules"]
+    rules[0]["weight"]["granularity"] = "per_tensor"
+    return qat.Recipe.from_dict({**recipe("w8a8").to_dict(), "rules": rules})
+
+
+@functools.cache
+def _converted(kind: str, rec: str):
+    """(integer model, held-out batches), trained once per session (export leaves it as it was)."""
+    model, batches = trained(kind, _per_tensor_w8a8() if rec == "w8a8_per_tensor" else recipe(rec))
+    return qat.convert(model), batches
+
+
+def _export(kind, rec, tmp_path, **kw):
+    int_model, batches = _converted(kind, rec)
+    path = export_onnx(int_model, (batches[0],), tmp_path / f"{kind}.onnx", **kw)
+    return int_model, batches, onnx.load(path), path
+
+
+def _nodes(model, op):
+    return [n for n in model.graph.node if n.op_type == op]
+
+
+def _attr(node, name):
+    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name),
+                None)  # fmt: skip
+
+
+def _weight_dq(model, layer):
+    return next(n for n in _nodes(model, "DequantizeLinear") if n.input[0] == f"{layer}.weight_q")
+
+
+def _assert_exact(report, full_range_u8s8=False):
+    """Integer arithmetic exact: every layer within fp32 rounding on ONNX Runtime's inputs.
+
+    Full-range 8-bit weights on u8s8 kernels are exact only on CPUs with VNNI; elsewhere their
+    int16 pair sums saturate (emulated in test_seven_bit_...), so only agreement is checked.
+    """
+    if full_range_u8s8 and not cpu_has_vnni():
+        assert report.free_running.top1 >= 0.8, str(report)
+        return
+    assert report.failures() == [], str(report)
+    assert max(t.rel for t in report.layers) <= EXACT, str(report)
+    assert report.free_running.top1 == 1.0
+
+
+def test_cnn_with_folded_bn_is_int8_qdq_and_exact(tmp_path):
+    int_model, batches, model, path = _export("cnn", "w8a8", tmp_path)
+    onnx.checker.check_model(model, full_check=True)
+    inits = {t.name: t for t in model.graph.initializer}
+    convs = [n for n, m in int_model.named_modules() if isinstance(m, qat.export.IntConv2d)]
+    assert len(convs) == 6 and not any(n.endswith("bn1.weight") for n in inits)  # BN folded
+    for name in [*convs, "head"]:
+        assert inits[f"{name}.weight_q"].data_type == TensorProto.INT8
+        assert f"{name}.weight" not in inits
+    assert _attr(_weight_dq(model, "conv1"), "axis") == 0  # per output channel
+    assert _attr(_weight_dq(model, "head"), "axis") == 1  # (in, out) layout for MatMul
+    assert _nodes(model, "QuantizeLinear") and not any(
+        n.op_type == "QuantizeLinear" and n.input[0].endswith("weight") for n in model.graph.node
+    )
+    codes = numpy_helper.to_array(inits["conv1.weight_q"])
+    assert np.array_equal(codes, int_model.conv1.int_weight().numpy())
+    report = onnx_parity_report(int_model, path, [(b,) for b in batches])
+    _assert_exact(report, full_range_u8s8=True)  # the head runs on u8s8 kernels
+
+
+@pytest.mark.parametrize("rec", ["w8a8", "w7a8", "w4g32_a8dyn", "w4g32", "w8"])
+def test_gpt_recipes_pass_the_gate(tmp_path, rec):
+    int_model, batches, model, path = _export("gpt", rec, tmp_path)
+    onnx.checker.check_model(model, full_check=True)
+    q_proj = int_model.blocks[0].attn.q_proj
+    init = next(t for t in model.graph.initializer if t.name == "blocks.0.attn.q_proj.weight_q")
+    dq = _weight_dq(model, "blocks.0.attn.q_proj")
+    if "g32" in rec:  # int4 codes, blocks of 32 along the input dim of the (in, out) weight
+        assert init.data_type == TensorProto.INT4
+        assert (_attr(dq, "axis"), _attr(dq, "block_size")) == (0, 32)
+        assert list(init.dims) == [64, 64] and len(init.raw_data) == 64 * 64 // 2
+    else:
+        assert init.data_type == TensorProto.INT8 and _attr(dq, "axis") == 1
+    got = numpy_helper.to_array(init).astype(np.int16)
+    assert np.array_equal(got, q_proj.int_weight().T.numpy())
+    dynamic = "dyn" in rec
+    assert bool(_nodes(model, "ReduceMin")) == dynamic
+    if dynamic:  # per-token blocked QuantizeLinear: one block per token
+        assert _attr(_nodes(model, "QuantizeLinear")[0], "block_size") == 64
+    report = onnx_parity_report(int_model, path, [(b,) for b in batches])
+    _assert_exact(report, full_range_u8s8=rec == "w8a8")
+
+
+def test_per_tensor_weights_are_exact(tmp_path):
+    int_model, batches, model, path = _export("gpt", "w8a8_per_tensor", tmp_path)
+    assert _attr(_weight_dq(model, "blocks.0.mlp.up_proj"), "axis") is None
+    report = onnx_parity_report(int_model, path, [(b,) for b in batches])
+    _assert_exact(report, full_range_u8s8=True)  # without VNNI these saturate too (emulated)
+
+
+def test_onnx_parity_dict(tmp_path):
+    int_model, batches, _, path = _export("gpt", "w7a8", tmp_path)
+    result = onnx_parity(int_model, path, [(b,) for b in batches])
+    assert result["failures"] == [] and result["top1"] == 1.0
+    assert result["aligned"]["rel"] <= EXACT and 0 < result["exact_share"] <= 1
+    assert {"max_abs", "rel", "min_cosine", "report"} <= set(result)
+
+
+def test_hf_bert_and_dynamic_shapes(tmp_path):
+    int_model, batches, _, path = _export("bert", "w8a8", tmp_path, input_names=["input_ids"])
+    session = ort_session(path)
+    assert [i.name for i in session.get_inputs()] == ["input_ids"]
+    other = torch.randint(0, 100, (3, 9))  # another batch size and sequence length
+    got = session.run(None, {"input_ids": other.numpy()})[0]
+    want = int_model(other).last_hidden_state.detach().numpy()
+    assert got.shape == (3, 9, 32) and np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    report = onnx_parity_report(int_model, path, [(b,) for b in batches])
+    _assert_exact(report, full_range_u8s8=True)
+
+
+def test_reduce_range_refuses_full_range_weights_and_writes_nothing(tmp_path):
+    int_model, batches = _converted("gpt", "w8a8")
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.q_proj: weight codes span \[-1"):
+        export_onnx(int_model, (batches[0],), tmp_path / "m.onnx", reduce_range=True)
+    assert list(tmp_path.iterdir()) == []
+    int_model, _, model, _ = _export("gpt", "w7a8", tmp_path, reduce_range=True)
+    assert model.graph.initializer  # 7-bit weights pass the check
+
+
+def test_seven_bit_weights_never_saturate_int16_pair_sums():
+    a = torch.randint(0, 256, (64, 96))
+    w7 = torch.randint(-64, 64, (96, 16))
+    assert torch.equal(pair_saturated_matmul(a, w7), a @ w7)
+    worst = torch.full((1, 2), 255)
+    assert pair_saturated_matmul(worst, torch.full((2, 1), -64)).item() == -32640
+    assert pair_saturated_matmul(worst, torch.full((2, 1), 127)).item() == 32767  # saturated
+    results = {}
+    for rec in ("w8a8", "w7a8"):
+        int_model, batches = _converted("gpt", rec)
+        with torch.no_grad():
+            ref = int_model(batches[0])
+            with emulate_no_vnni(int_model) as n:
+                results[rec] = (n, (int_model(batches[0]) - ref).abs().max().item())
+    assert results["w7a8"] == (15, 0.0)  # every Linear, bit-identical
+    assert results["w8a8"][1] > 1e-3  # full range: a CPU without VNNI would be off
+
+
+def test_odd_layers_embedding_groups_conv_padding_narrow_and_4bit_grids(tmp_path):
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(50, 64)
+            self.conv = nn.Conv1d(64, 32, 3, padding=1, padding_mode="reflect")
+            self.fc = nn.Linear(32, 16)
+
+        def forward(self, idx):
+            h = self.conv(self.emb(idx).transpose(1, 2)).transpose(1, 2)  # (B, T, 32)
+            return self.fc(self.fc(h.relu()).repeat(1, 1, 2))  # fc called twice
+
+    w4g = {"bits": 4, "granularity": "per_group", "group_size": 16, "symmetric": False}
+    rules = [
+        {"match": {"types": ["Embedding"]}, "weight": w4g},
+        {"match": {"types": ["Conv1d"]}, "weight": {"bits": 8, "narrow_range": True},
+         "input": {"bits": 4, "symmetric": False}},
+        {"match": {"types": ["Linear"]}, "weight": {"bits": 6, "granularity": "per_channel"},
+         "input": {"bits": 8, "symmetric": True}, "output": {"bits": 8, "dynamic": True,
+                                                               "granularity": "per_token"}},
+    ]  # fmt: skip
+    model = qat.prepare(Odd(), {"rules": rules})
+    batches = [torch.randint(0, 50, (2, 12)) for _ in range(3)]
+    qat.quant.calibrate(model, batches, 3)
+    int_model = qat.convert(model.eval())
+    path = export_onnx(int_model, (batches[0],), tmp_path / "odd.onnx")
+    model_proto = onnx.load(path)
+    onnx.checker.check_model(model_proto, full_check=True)
+    assert {n.op_type for n in model_proto.graph.node} >= {"Pad", "Clip", "Conv", "Gather"}
+    report = onnx_parity_report(int_model, path, [(b,) for b in batches])
+    assert [t.calls for t in report.layers] == [3, 3, 6]  # fc's two calls told apart
+    assert report.failures() == [], str(report)
+
+
+def test_refuses_a_fake_quant_model_and_needs_onnx(tmp_path, monkeypatch):
+    model = qat.prepare(nn.Sequential(nn.Linear(4, 2)), recipe("w8a8"))
+    with pytest.raises(ValueError, match=r"call qat\.convert\(model\)"):
+        export_onnx(model, (torch.randn(1, 4),), tmp_path / "m.onnx")
+    real_import = builtins.__import__
+
+    def no_onnx(name, *args, **kwargs):
+        if name == "onnx":
+            raise ImportError("no onnx")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_onnx)
+    with pytest.raises(ImportError, match=r"pip install qat\[onnx\]"):
+        export_onnx(nn.Linear(4, 2), (torch.randn(1, 4),), tmp_path / "m.onnx")
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["qat.export.onnx", "qat.export.onnx_parity", "qat.export.onnx_vnni", "qat.export.onnx_layers"],
+)
+def test_docstring_examples_run(module, monkeypatch, tmp_path):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
