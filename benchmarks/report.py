@@ -75,9 +75,7 @@ def plot_vs_size(task: str) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("artifact size (KiB, log)")
     ax.set_ylabel(LABEL[task])
-    if task == "shakespeare":
-        ax.set_yscale("log")
-    ax.set_title(f"{task}: exported integer model, mean of seeds")
+    ax.set_title(f"{task}: exported integer models", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(OUT / f"{task}_vs_size.png", dpi=120)
