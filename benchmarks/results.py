@@ -192,7 +192,7 @@ def table(rows: list[dict[str, Any]], m: str, task: str) -> str:
     head = f"| method | recipe | test {m}{unit}, mean ± std over {n} seeds |"
     lines = [head, "|---|---|---|"]
     if m == "cosine":
-        lines = [head[:-1] + " NN top-1 agreement |", "|---|---|---|---|"]
+        lines = [head + " NN top-1 agreement |", "|---|---|---|---|"]
     for (method, recipe), vals in groups.items():
         extra = ""
         if m == "cosine":
