@@ -159,6 +159,8 @@ def train_float(cfg, dm, spec, out_dir) -> tuple[torch.nn.Module, dict[str, floa
     module = make_module(cfg, model, dm, meta, lr=float(cfg.float_stage.lr), teacher=teacher)
     if steps > 0:
         fit(cfg, module, dm, out_dir / "float", "float", steps)
+        init_from = str(out_dir / "float" / "checkpoints" / "last.ckpt")
+    model.qat_float_checkpoint = init_from or None  # the teacher's weights, for resumes
     return model, evaluate(cfg, module, dm, out_dir / "float")
 
 
@@ -172,9 +174,14 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     results: dict[str, Any] = {"run_dir": str(out_dir), "recipe": cfg.get("recipe_name")}
     if ckpt_path is None:
         float_model, results["float"] = train_float(cfg, dm, spec, out_dir)
-    else:  # resuming: the float stage is done; the model comes from the checkpoint
+    else:  # resuming: the float stage is done; the student comes from the checkpoint
+        saved = load_checkpoint(ckpt_path).get("qat_meta") or {}
+        results["float"] = saved.get("float_metrics")
         float_model = build_model(spec["builder"], **spec["args"])
-        results["float"] = load_checkpoint(ckpt_path).get("qat_meta", {}).get("float_metrics")
+        float_ckpt = saved.get("float_checkpoint")
+        if _needs_teacher(cfg) and float_ckpt:  # the teacher must be the trained float model
+            float_model.load_state_dict(model_state(load_checkpoint(float_ckpt)))
+        float_model.qat_float_checkpoint = float_ckpt
     L.seed_everything(int(cfg.seed) + 1, workers=True)
     teacher = copy.deepcopy(float_model) if _needs_teacher(cfg) else None
     model = qat.prepare(float_model, recipe)
@@ -184,6 +191,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         "recipe": recipe.to_dict(),
         "stage": "qat",
         "float_metrics": results["float"],
+        "float_checkpoint": getattr(float_model, "qat_float_checkpoint", None),
     }
     module = make_module(cfg, model, dm, meta, teacher=teacher, max_steps=steps)
     sched = recipe.schedule.steps(steps)

@@ -35,11 +35,13 @@ def test_default_experiment_trains_float_then_qat_and_writes_outputs(make_cfg):
 
 def test_resume_is_bit_identical_to_an_uninterrupted_run(make_cfg):
     """2N steps straight vs N steps, interruption, resume: same weights and quantizer state.
-    The interruption (step N=12) falls between calibration and the observer freeze (step 18)."""
+    The interruption (step N=12) falls between calibration and the observer freeze (step 18).
+    With distillation on, the resumed run must also get the trained float teacher back."""
     common = TINY + [
         "trainer.max_steps=24",
         "trainer.val_check_interval=6",
-        "float_stage.max_steps=0",
+        "float_stage.max_steps=8",
+        "module.kd_weight=0.5",
         "recipe.schedule.calibrate=2",
         "recipe.schedule.freeze_observers=0.75",
         "recipe.schedule.freeze_bn=0.75",
