@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -166,10 +167,7 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, d: Any) -> Recipe:
-        if type(d).__name__ in ("DictConfig", "ListConfig"):
-            from omegaconf import OmegaConf  # Hydra's config type; not a Hydra import
-
-            d = OmegaConf.to_container(d, resolve=True)
+        d = _plain(d)  # a Hydra DictConfig is a Mapping: read as plain data, no import needed
         if d is None:
             d = {}
         _mapping(d, "recipe", RECIPE_KEYS)
@@ -188,7 +186,7 @@ class Recipe:
         desc = d.get("description", "")
         if not isinstance(desc, str):
             raise _fail("description", desc, "a string")
-        return cls(rules, tuple(ignore), bn, schedule, desc, raw=_plain(d))
+        return cls(rules, tuple(ignore), bn, schedule, desc, raw=d)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Recipe:
@@ -212,10 +210,11 @@ class Recipe:
 
 
 def _plain(d: Any) -> Any:
-    """A JSON-friendly deep copy."""
-    if isinstance(d, dict):
-        return {str(k): _plain(v) for k, v in d.items()}
-    if isinstance(d, (list, tuple)):
+    """A deep copy as plain dicts and lists (any Mapping / non-string Sequence, so OmegaConf
+    containers too, with interpolations resolved on access)."""
+    if isinstance(d, Mapping):
+        return {k: _plain(v) for k, v in d.items()}
+    if isinstance(d, Sequence) and not isinstance(d, (str, bytes)):
         return [_plain(v) for v in d]
     return d
 
