@@ -80,17 +80,24 @@ class _ConvBnMixin:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._qin(x)
-        scale = _per_out(bn_scale(self.bn), x.ndim, 1)
-        y = self._conv_forward(x, self.quantized_weight(), None) / scale
-        if self.bias is not None:
-            y = y + _per_out(self.bias, y.ndim, 1)
-        # Batch statistics (and running-stat updates) only while training and not frozen.
-        was = self.bn.training
-        self.bn.training = self.training and not bool(self.bn_frozen)
+        bn = self.bn
+        scale = _per_out(bn_scale(bn), self.weight.ndim, 0)
+        w = self.weight * scale
+        wq = w if self.weight_quant is None else self.weight_quant(w)
+        if not (self.training and not bool(self.bn_frozen)):
+            # Running statistics (BN frozen, or eval): exactly the exported layer. The same
+            # function as scaling back and calling BN in eval mode, with fewer passes.
+            return self._qout(self._conv_forward(x, wq, folded_bias(self, bn)))
+        # Batch statistics drive BN (and update its running statistics). Scaling the
+        # quantized weight back per output channel equals scaling the conv output back
+        # (conv is linear in the weight) and touches C_out*k values, not every activation.
+        y = self._conv_forward(x, wq / scale, self.bias)
+        was = bn.training
+        bn.training = True
         try:
-            y = self.bn(y)
+            y = bn(y)
         finally:
-            self.bn.training = was
+            bn.training = was
         return self._qout(y)
 
 

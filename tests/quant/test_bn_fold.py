@@ -5,7 +5,7 @@ import torch
 
 import qat
 from qat.models.registry import build_model
-from qat.quant import disable_fake_quant, freeze_bn_stats
+from qat.quant import disable_fake_quant, disable_observer, freeze_bn_stats
 from qat.quant.bn_fold import QATConvBn2d
 
 W8 = {
@@ -98,3 +98,30 @@ def test_untraceable_model_falls_back_to_sequential_pairs():
             Dyn(), W8 | {"rules": [{"match": {"types": ["Conv2d"]}, "weight": {"bits": 8}}]}
         )
     assert isinstance(model.body[0], QATConvBn2d)
+
+
+def test_frozen_fold_computes_the_exported_conv_and_trains_like_scaling_back_through_bn():
+    torch.manual_seed(0)
+    model = qat.prepare(trained_cnn(), W8)
+    qat.quant.calibrate(model, [torch.randn(4, 1, 8, 8)], num_batches=1)
+    conv = model.blocks[1].conv1
+    conv.apply(freeze_bn_stats)
+    conv.apply(disable_observer)
+    conv.train()
+    x = torch.randn(4, conv.in_channels, 8, 8)
+    y = conv(x)
+    # Exactly the integer layer's computation: conv(q(x), fq(w_folded)) + b_folded.
+    expect = conv._conv_forward(conv.input_quant(x), conv.quantized_weight(), conv.folded_bias())
+    assert torch.equal(y, expect)
+    # Gradients equal those of the textbook form: scale the conv output back, BN in eval mode.
+    params = [conv.weight, conv.bn.weight, conv.bn.bias]
+    grads = torch.autograd.grad(y.square().sum(), params)
+    scale = conv.bn.weight / torch.sqrt(conv.bn.running_var + conv.bn.eps)
+    raw = conv._conv_forward(conv.input_quant(x), conv.quantized_weight(), None)
+    ref = torch.nn.functional.batch_norm(
+        raw / scale[None, :, None, None], conv.bn.running_mean, conv.bn.running_var,
+        conv.bn.weight, conv.bn.bias, training=False, eps=conv.bn.eps,
+    )
+    torch.testing.assert_close(ref, y, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, torch.autograd.grad(ref.square().sum(), params), strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
