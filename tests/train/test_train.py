@@ -33,7 +33,7 @@ def test_default_experiment_trains_float_then_qat_and_writes_outputs(make_cfg):
     assert "quant/head.input_quant/clip" in metrics_csv
 
 
-def test_resume_is_bit_identical_to_an_uninterrupted_run(make_cfg):
+def test_resume_is_bit_identical_to_an_uninterrupted_run(make_cfg, monkeypatch):
     """2N steps straight vs N steps, interruption, resume: same weights and quantizer state.
     The interruption (step N=12) falls between calibration and the observer freeze (step 18).
     With distillation on, the resumed run must also get the trained float teacher back."""
@@ -59,7 +59,12 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(make_cfg):
     straight = model_state(load_checkpoint(ckpts / "last.ckpt"))
 
     cfg2 = make_cfg(common + [f"ckpt_path={mid}"], name="resumed")
+    import qat.train.run as runmod
+
+    reads = []
+    monkeypatch.setattr(runmod, "load_checkpoint", lambda p: reads.append(p) or load_checkpoint(p))
     run(cfg2)
+    assert [Path(p) for p in reads].count(mid) == 1  # our code reads it once (Lightning too)
     resumed = model_state(load_checkpoint(Path(cfg2.paths.output_dir) / "checkpoints/last.ckpt"))
     assert straight.keys() == resumed.keys()
     for k in straight:
