@@ -28,9 +28,12 @@ class _FakeQuant(torch.autograd.Function):
         r = torch.round(xs)
         if zp is None:
             out = r.clamp(qmin, qmax)
-        else:  # clamp(r + z, qmin, qmax) - z == clamp(r, qmin - z, qmax - z): z is an integer
+        elif zp.numel() == 1 and zp.device.type == "cpu":  # one zero point: scalar bounds
+            # clamp(r + z, qmin, qmax) - z == clamp(r, qmin - z, qmax - z): z is an integer.
+            z = zp.item()
+            out = r.clamp(qmin - z, qmax - z)
+        else:  # maximum + minimum: clamp with tensor bounds is ~3x slower than both on CPU
             z = zp[..., None]
-            # maximum + minimum: clamp with tensor bounds is ~3x slower than both on CPU.
             out = torch.maximum(r, qmin - z)
             out = torch.minimum(out, qmax - z, out=out)
         # Float mask written over `r` in one pass (a bool mask, or converting one, is several
@@ -74,10 +77,15 @@ def fake_quantize(
     zero_point: torch.Tensor | None,
     spec: QuantSpec,
     mode: str = "ste",
-    grad_factor: float = 1.0,
+    grad_factor: float | None = 1.0,
 ) -> torch.Tensor:
-    """Functional fake quant of `x` with scales of `grid.param_shape(spec, x.shape)`."""
+    """Functional fake quant of `x` with scales of `grid.param_shape(spec, x.shape)`.
+
+    `grad_factor=None` with `mode="lsq"`: LSQ's `1 / sqrt(R * qmax)`, R the row length.
+    """
     v = grid.to_view(x, spec)
+    if grad_factor is None:
+        grad_factor = 1.0 / math.sqrt(v.shape[-1] * spec.qmax) if mode == "lsq" else 1.0
     out = _FakeQuant.apply(v, scale, zero_point, spec.qmin, spec.qmax, mode, grad_factor)
     return grid.from_view(out, spec, x.shape)
 
@@ -206,8 +214,7 @@ class FakeQuantizer(nn.Module):
         if spec.learn == "pact":
             mode, factor = "pact", 1.0
         elif self.learned:
-            n = grid.to_view(x, spec).shape[-1]
-            mode, factor = "lsq", 1.0 / math.sqrt(n * spec.qmax)
+            mode, factor = "lsq", None  # 1 / sqrt(R * qmax), R the row length
         else:
             mode, factor = "ste", 1.0
         use_zp = zp if (not spec.symmetric or spec.learn == "lsq_plus") else None
