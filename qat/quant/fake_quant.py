@@ -28,8 +28,9 @@ class _FakeQuant(torch.autograd.Function):
         r = torch.round(xs)
         if zp is None:
             out = r.clamp(qmin, qmax)
-        elif zp.numel() == 1 and zp.device.type == "cpu":  # one zero point: scalar bounds
-            # clamp(r + z, qmin, qmax) - z == clamp(r, qmin - z, qmax - z): z is an integer.
+        elif zp.numel() == 1 and zp.device.type == "cpu" and zp.dtype == r.dtype:
+            # One zero point (same dtype, so the result's dtype is what the tensor path gives):
+            # scalar bounds. clamp(r + z, qmin, qmax) - z == clamp(r, qmin - z, qmax - z).
             z = zp.item()
             out = r.clamp(qmin - z, qmax - z)
         else:  # maximum + minimum: clamp with tensor bounds is ~3x slower than both on CPU
@@ -37,7 +38,8 @@ class _FakeQuant(torch.autograd.Function):
             out = torch.maximum(r, qmin - z)
             out = torch.minimum(out, qmax - z, out=out)
         # Float mask written over `r` in one pass (a bool mask, or converting one, is several
-        # times slower on CPU): 1.0 where rounding was not clamped, 0.0 where it was.
+        # times slower on CPU): 1.0 where rounding was not clamped, 0.0 where it was (and for
+        # NaN inputs, which observers refuse and the NaN-loss check reports).
         mask = torch.eq(r, out, out=r)
         ds = None
         if mode != "ste" and ctx.needs_input_grad[1]:
@@ -61,13 +63,18 @@ class _FakeQuant(torch.autograd.Function):
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """`(a * b).sum(-1)`, by whichever kernel is fastest for the shape on CPU (measured)."""
+    """`(a * b).sum(-1)`, by whichever kernel measured fastest for the shape on CPU.
+
+    The kernels sum in different orders (gradients agree to fp32 rounding); half precision
+    always takes `einsum`, which accumulates in fp32.
+    """
     if a.dim() == 1:
         return torch.dot(a, b)
-    if a.shape[:-1].numel() == 1:  # per tensor: one BLAS dot
-        return torch.dot(a.reshape(-1), b.reshape(-1)).reshape(a.shape[:-1])
-    if a.numel() <= 1 << 22:  # rows of small tensors: one fused pass
-        return torch.linalg.vecdot(a, b)
+    if a.dtype in (torch.float32, torch.float64):
+        if a.shape[:-1].numel() == 1:  # per tensor: one BLAS dot
+            return torch.dot(a.reshape(-1), b.reshape(-1)).reshape(a.shape[:-1])
+        if a.numel() <= 1 << 22:  # small: multiply and sum beat einsum's batched matmul
+            return torch.linalg.vecdot(a, b)
     return torch.einsum("...r,...r->...", a, b)  # large: BLAS, no full-size temporary
 
 

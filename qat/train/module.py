@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from typing import Any
 
 import lightning as L
@@ -61,12 +62,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def set_dropout(model: nn.Module, p: float) -> int:
-    """Set the probability of every dropout layer in `model` to `p`; returns how many.
+    """Set the probability of every `nn.Dropout`-family layer in `model` to `p`; returns how many.
 
     Distilling a pretrained model towards its own float outputs needs `p=0`: with dropout the
     target is out of reach and the dropout noise (cosine loss ~5e-2 on MiniLM) drowns the
-    quantization error the student should learn to undo (~9e-3). Attention dropout in
-    transformers reads the `p` of its `nn.Dropout`, so it is covered too.
+    quantization error the student should learn to undo (~9e-3). BERT-style attention in
+    transformers reads its `nn.Dropout`'s `p`, so it is covered; attention that keeps its
+    probability as a plain float (Llama's `attention_dropout`, 0 by default) is not changed.
     """
     if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p < 1.0:
         raise ValueError(f"module.dropout: got {p!r}; use a probability in [0, 1) or null "
@@ -74,6 +76,9 @@ def set_dropout(model: nn.Module, p: float) -> int:
     layers = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
     for m in layers:
         m.p = float(p)
+    if not layers:
+        warnings.warn(f"module.dropout={p}: {type(model).__name__} has no dropout layers",
+                      stacklevel=2)
     return len(layers)
 
 

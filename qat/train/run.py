@@ -105,12 +105,12 @@ def evaluate(cfg: DictConfig, module: QATModule, dm: Any, out_dir: Path) -> dict
 
 
 def fit(
-    cfg, module, dm, out_dir, stage, max_steps, ckpt_path=None, extra_callbacks=(), start_step=0
+    cfg, module, dm, out_dir, stage, max_steps, ckpt_path=None, extra_callbacks=(), start_step=None
 ):
     """Train `module` for `max_steps` optimizer steps (0: nothing to do, e.g. PTQ).
 
-    Resuming (`ckpt_path`), `start_step` is the checkpoint's global step: the data stream
-    continues from there (the caller has read the checkpoint already; Lightning reads it again).
+    Resuming (`ckpt_path`), the data stream continues from the checkpoint's global step:
+    `start_step` when the caller has read the checkpoint already, else read here.
     """
     trainer = make_trainer(cfg, out_dir, stage, max_steps)
     if max_steps == 0 and ckpt_path is None:
@@ -118,6 +118,8 @@ def fit(
     trainer.callbacks.extend(extra_callbacks)
     loader = stream_loader(dm, int(cfg.seed))
     if ckpt_path is not None:  # resume the data stream where the checkpoint left it
+        if start_step is None:
+            start_step = int(load_checkpoint(ckpt_path).get("global_step", 0))
         accumulate = int(cfg.trainer.get("accumulate_grad_batches") or 1)
         set_stream_position(loader, start_step, accumulate)
     val = dm.val_dataloader() if cfg.trainer.get("limit_val_batches", 1) != 0 else None

@@ -213,3 +213,26 @@ def test_repr_shows_the_spec():
 def test_param_shapes():
     assert qgrid.param_shape(QuantSpec(granularity="per_group", group_size=4), (3, 8)) == (3, 2)
     assert qgrid.param_shape(QuantSpec(granularity="per_channel", axis=1), (3, 8)) == (8,)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_zero_point_takes_the_same_values_and_dtype_as_per_row_zero_points(dtype):
+    """The single-zero-point fast path (scalar clamp bounds) against the per-row tensor path:
+    the same rows under one shared (scale, zero point) must give identical outputs and grads."""
+    x = (torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
+    s, z = torch.tensor(0.05), torch.tensor(-7.0)
+    outs = []
+    for scale, zp, spec in (
+        (s, z, QuantSpec(bits=4, symmetric=False)),
+        (s.expand(4).clone(), z.expand(4).clone(),
+         QuantSpec(bits=4, symmetric=False, granularity="per_channel", axis=0)),
+    ):
+        xi = x.clone().requires_grad_()
+        scale = scale.clone().requires_grad_()
+        y = fake_quantize(xi, scale.to(dtype), zp, spec, mode="lsq", grad_factor=1.0)
+        y.float().square().sum().backward()
+        outs.append((y, xi.grad, scale.grad.sum()))
+    (y1, gx1, gs1), (y2, gx2, gs2) = outs
+    assert y1.dtype == y2.dtype and torch.equal(y1, y2)
+    assert torch.equal(gx1, gx2)
+    torch.testing.assert_close(gs1, gs2, rtol=1e-5, atol=1e-5)

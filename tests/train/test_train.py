@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import qat.train.run as runmod
 from qat.train.checkpoint import load_checkpoint, model_state
 from qat.train.run import run
 
@@ -59,8 +60,6 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(make_cfg, monkeypatch):
     straight = model_state(load_checkpoint(ckpts / "last.ckpt"))
 
     cfg2 = make_cfg(common + [f"ckpt_path={mid}"], name="resumed")
-    import qat.train.run as runmod
-
     reads = []
     monkeypatch.setattr(runmod, "load_checkpoint", lambda p: reads.append(p) or load_checkpoint(p))
     run(cfg2)
