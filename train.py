@@ -23,12 +23,10 @@ warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from qat.train.run import run
+    from qat.train.run import monitored_value, run
 
     results = run(cfg)
-    metric = str(cfg.monitor).split("/")[-1]
-    value = (results.get("qat") or results.get("fake_quant") or {}).get(f"test/{metric}")
-    return value  # for Hydra sweepers that optimise a value
+    return monitored_value(results, str(cfg.monitor).split("/")[-1])  # for Hydra sweepers
 
 
 if __name__ == "__main__":

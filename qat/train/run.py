@@ -281,6 +281,17 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
+def monitored_value(results: dict[str, Any], metric: str) -> float | None:
+    """The test `metric` a run reports (QAT, else an evaluated checkpoint), for Hydra
+    sweepers; None where the task measured none (e.g. `task=export`, whose summary maps
+    formats to file paths)."""
+    for key in ("qat", "fake_quant"):
+        part = results.get(key)
+        if isinstance(part, dict) and f"test/{metric}" in part:
+            return float(part[f"test/{metric}"])
+    return None
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     torch.set_num_threads(int(cfg.get("threads") or os.cpu_count() or 1))
     task = cfg.get("task", "train")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from qat.train.run import run
+from qat.train.run import monitored_value, run
 
 from .conftest import TINY
 
@@ -56,6 +56,10 @@ def test_task_export_writes_qat_and_gguf_for_the_gpt(make_cfg):
     assert Path(summary["gguf"]).is_file()
     assert (Path(summary["qat"]) / "manifest.json").is_file()
     assert summary["parity"]["output"]["top1"] == 1.0
+    # train.py returns this to Hydra: nothing measured by an export (it used to crash on the
+    # summary's file paths after a successful export).
+    assert monitored_value(summary, "ppl") is None
+    assert monitored_value(res, "ppl") == res["qat"]["test/ppl"]
     with pytest.raises(ValueError, match=r"export\.formats: got 'tflite'"):
         run(
             make_cfg(
