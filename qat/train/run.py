@@ -240,6 +240,20 @@ def _needs_teacher(cfg: DictConfig) -> bool:
     return cfg.module.task == "embedding" or float(cfg.module.get("kd_weight", 0)) > 0
 
 
+def _check_eval_target(cfg: DictConfig, what: str, task: str | None, builder: str | None) -> None:
+    """Evaluation builds the data from this config: refuse a model made for another task or
+    model (it would fail deep inside a layer with a shape error, or measure nonsense)."""
+    ours = (str(cfg.module.task), str(cfg.model.builder))
+    if (task is not None and task != ours[0]) or (builder is not None and builder != ours[1]):
+        made = f"task {task!r} with model builder {builder!r}" if task else f"model {builder!r}"
+        raise ValueError(
+            f"{what} was made for {made}, but this "
+            f"config has module.task={ours[0]!r} and model.builder={ours[1]!r}: evaluate it with "
+            "the experiment it was trained with (e.g. experiment=minilm_w8a8_kd; the training "
+            "run's overrides are in <run dir>/.hydra/overrides.yaml)"
+        )
+
+
 def run_eval(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate a checkpoint's fake-quant model (model and recipe from its metadata; with
     `eval.without_fake_quant` also the same weights with fake quant off), or an exported
@@ -251,6 +265,8 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         from qat.train.export_task import teacher_for_artifact
 
         model = qat.load(cfg.artifact)
+        builder = getattr(model, "builder_name", None)
+        _check_eval_target(cfg, f"artifact={cfg.artifact}", None, builder)
         teacher = teacher_for_artifact(cfg.artifact) if embedding else None
         module = make_module(cfg, model, dm, {}, teacher=teacher)
         results: dict[str, Any] = {
@@ -265,6 +281,8 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
 
         ckpt = load_checkpoint(ckpt_path)
         meta = ckpt.get("qat_meta") or {}
+        builder = (meta.get("model") or {}).get("builder")
+        _check_eval_target(cfg, f"ckpt_path={ckpt_path}", meta.get("task"), builder)
         model = model_from_checkpoint(ckpt)
         model.apply(qat.quant.disable_observer)
         teacher = None

@@ -93,6 +93,16 @@ def test_resume_with_another_recipe_names_the_mismatch(make_cfg):
         run(make_cfg(TINY + ["recipe=w8a8", f"ckpt_path={ckpt}"], name="other"))
     with pytest.raises(ValueError, match=r"checkpoint mismatch in 'model'"):
         run(make_cfg(TINY + ["model.args.widths=[8,8]", f"ckpt_path={ckpt}"], name="other2"))
+    # The message names the one field that differs, not two whole recipes.
+    with pytest.raises(
+        ValueError, match=r"recipe\.schedule\.calibrate: checkpoint 20, this run 10\. Use the same"
+    ):
+        run(make_cfg(TINY + ["recipe.schedule.calibrate=10", f"ckpt_path={ckpt}"], name="o3"))
+    # Evaluating it with another task's config is refused before any layer sees the data.
+    with pytest.raises(ValueError, match=r"made for task 'classification' with model builder "
+                       r"'cnn', but this config has module.task='causal_lm'"):
+        run(make_cfg(["task=eval", f"ckpt_path={ckpt}", "experiment=shakespeare_w4g32a8"],
+                     name="o4"))
 
 
 def test_bad_task_and_missing_checkpoint_are_clear_errors(make_cfg):
