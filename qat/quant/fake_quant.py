@@ -188,9 +188,13 @@ class FakeQuantizer(nn.Module):
         """The scale and integer zero point the forward pass uses (fp32), with gradients."""
         spec = self.spec
         if spec.learn == "pact":
-            s = self.clip.clamp(min=grid.FP32_EPS) / self._pact_levels()
+            s = self.clip.abs().clamp(min=grid.FP32_EPS) / self._pact_levels()
         else:
-            s = self.scale.clamp(min=grid.FP32_EPS) if self.learned else self.scale
+            # A learned scale is used by magnitude: an optimizer step can carry the parameter
+            # below zero (Adam moves it ~lr per step whatever the gradient's size, and an int8
+            # weight scale is ~5e-3). Clamping at eps would pass no gradient back and leave the
+            # channel quantized to zero for good; |s| keeps it working and learning.
+            s = self.scale.abs().clamp(min=grid.FP32_EPS) if self.learned else self.scale
         if spec.scale_dtype == "fp16" and self.learned:
             s = _ste(s, grid.finalize_scale(s.detach(), spec))
         zp = self.zero_point

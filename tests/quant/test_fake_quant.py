@@ -236,3 +236,25 @@ def test_one_zero_point_takes_the_same_values_and_dtype_as_per_row_zero_points(d
     assert y1.dtype == y2.dtype and torch.equal(y1, y2)
     assert torch.equal(gx1, gx2)
     torch.testing.assert_close(gs1, gs2, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("learn,role,gran", [("lsq", "weight", "per_channel"),
+                                             ("pact", "input", "per_tensor")])
+def test_a_learned_scale_pushed_below_zero_keeps_quantizing_and_learning(learn, role, gran):
+    """An optimizer step can carry a learned scale below zero (Adam's steps are ~lr whatever
+    the gradient, an int8 weight scale is ~5e-3). It must act as its magnitude, not as eps with
+    no gradient (which left channels of the digits CNN quantized to zero for good)."""
+    spec = QuantSpec(bits=8, granularity=gran, learn=learn)
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
+    fq = FakeQuantizer(spec, role=role, shape=(3, 16))
+    fq.train()
+    fq(x)  # calibrate
+    param = fq.clip if learn == "pact" else fq.scale
+    ref = fq(x).detach()
+    i = 1 if param.dim() else ...
+    with torch.no_grad():
+        param[i] = -param[i]
+    out = fq(x)
+    assert torch.equal(out, ref)
+    out.sub(x * 1.5).square().sum().backward()
+    assert param.grad[i] != 0
