@@ -24,7 +24,7 @@ def step_time(layer: nn.Module, x: torch.Tensor) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--features", type=int, default=1024)

@@ -128,7 +128,7 @@ def parity_rows(name: str, build: Callable, make: Callable, names: list[str], g)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     ap.add_argument("--recipe", default="w8a8", help="configs/recipe/<name>.yaml for int8")
     ap.add_argument("--models", default="cnn,gpt,minilm")
     ap.add_argument("--batches", default="1,32")

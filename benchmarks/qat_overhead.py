@@ -70,8 +70,9 @@ def measure(name, model, recipe, loss_fn, steps):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=30)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
+    ap.add_argument("--steps", type=int, default=30,
+                    help="interleaved float/QAT step pairs per model (default 30)")
     ap.add_argument("--models", nargs="+", choices=["cnn", "cnn32", "gpt", "minilm"],
                     default=["cnn", "cnn32", "gpt", "minilm"])
     args = ap.parse_args()

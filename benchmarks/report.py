@@ -218,7 +218,7 @@ def fill_readme(path: Path = ROOT / "README.md") -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     ap.add_argument("--readme", action="store_true", help="fill README.md's Results section")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -289,7 +289,8 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         if embedding:  # the float model the student was distilled from
             teacher = build_model(meta["model"]["builder"], **meta["model"]["args"])
         module = make_module(cfg, model, dm, meta, teacher=teacher)
-        results = {"checkpoint": ckpt_path, "fake_quant": evaluate(cfg, module, dm, out_dir)}
+        key = "fake_quant" if meta.get("recipe") is not None else "float"  # a float-stage ckpt
+        results = {"checkpoint": ckpt_path, key: evaluate(cfg, module, dm, out_dir)}
         if cfg.get("eval", {}).get("without_fake_quant", False):
             model.apply(qat.quant.disable_fake_quant)
             results["without_fake_quant"] = evaluate(cfg, module, dm, out_dir)
@@ -303,7 +304,7 @@ def monitored_value(results: dict[str, Any], metric: str) -> float | None:
     """The test `metric` a run reports (QAT, else an evaluated checkpoint), for Hydra
     sweepers; None where the task measured none (e.g. `task=export`, whose summary maps
     formats to file paths)."""
-    for key in ("qat", "fake_quant"):
+    for key in ("qat", "fake_quant", "float"):
         part = results.get(key)
         if isinstance(part, dict) and f"test/{metric}" in part:
             return float(part[f"test/{metric}"])

@@ -141,3 +141,7 @@ def test_init_from_a_float_checkpoint_skips_float_training(make_cfg):
     qat_ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
     with pytest.raises(ValueError, match=r"is a QAT checkpoint; init_from takes the float"):
         run(make_cfg(TINY + [f"init_from={qat_ckpt}"], name="wrong"))
+    # A float checkpoint evaluates under "float", not "fake_quant".
+    ev = run(make_cfg(TINY + ["task=eval", f"ckpt_path={float_ckpt}"], name="eval_float"))
+    assert "fake_quant" not in ev
+    assert ev["float"]["test/acc"] == pytest.approx(first["float"]["test/acc"])
