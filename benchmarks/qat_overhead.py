@@ -29,20 +29,21 @@ def cases():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 1, 8, 8, generator=g)
     y = torch.randint(0, 10, (64,), generator=g)
-    yield ("cnn", "CNN (digits, batch 64)", build_model("cnn"), "w4a4_lsq",
+    # Models are built lazily: only those asked for with --models.
+    yield ("cnn", "CNN (digits, batch 64)", lambda: build_model("cnn"), "w4a4_lsq",
            lambda m: F.cross_entropy(m(x), y))
     # The same ResNet at CIFAR-like size: per-quantizer fixed costs amortize over larger maps.
     x32 = torch.randn(64, 3, 32, 32, generator=g)
     yield ("cnn32", "CNN (3x32x32, widths 64/128, batch 64)",
-           build_model("cnn", in_channels=3, widths=[64, 128]), "w4a4_lsq",
+           lambda: build_model("cnn", in_channels=3, widths=[64, 128]), "w4a4_lsq",
            lambda m: F.cross_entropy(m(x32), y))
     ids = torch.randint(0, 85, (16, 128), generator=g)
-    yield ("gpt", "GPT small (16 x 128 tokens)", build_model("gpt", preset="small", vocab_size=85,
-                                                     block_size=128), "w4g32_a8dyn",
+    yield ("gpt", "GPT small (16 x 128 tokens)",
+           lambda: build_model("gpt", preset="small", vocab_size=85, block_size=128), "w4g32_a8dyn",
            lambda m: F.cross_entropy(m(ids).flatten(0, 1), ids.flatten()))
     tok = torch.randint(1000, 20000, (32, 32), generator=g)
     mask = torch.ones_like(tok)
-    yield ("minilm", "MiniLM (32 x 32 tokens)", build_model("minilm"), "w8a8",
+    yield ("minilm", "MiniLM (32 x 32 tokens)", lambda: build_model("minilm"), "w8a8",
            lambda m: m(tok, mask).pow(2).mean())
 
 
@@ -80,10 +81,10 @@ def main() -> None:
           f"{args.steps} interleaved step pairs per model\n")
     print("| model | recipe | float step (ms) | QAT step (ms) | median ratio |")
     print("|---|---|---|---|---|")
-    for key, *case in cases():
+    for key, name, build, recipe, loss_fn in cases():
         if key not in args.models:
             continue
-        name, recipe, f_ms, q_ms, ratio = measure(*case, args.steps)
+        name, recipe, f_ms, q_ms, ratio = measure(name, build(), recipe, loss_fn, args.steps)
         print(f"| {name} | {recipe} | {f_ms:.1f} | {q_ms:.1f} | {ratio:.2f}x |", flush=True)
 
 

@@ -72,8 +72,7 @@ class _ConvBnMixin:
         return self.weight * _per_out(bn_scale(self.bn), self.weight.ndim, 0)
 
     def quantized_weight(self) -> torch.Tensor:
-        w = self.folded_weight()
-        return w if self.weight_quant is None else self.weight_quant(w)
+        return self._qweight(self.folded_weight())
 
     def folded_bias(self) -> torch.Tensor:
         return folded_bias(self, self.bn)
@@ -82,9 +81,8 @@ class _ConvBnMixin:
         x = self._qin(x)
         bn = self.bn
         scale = _per_out(bn_scale(bn), self.weight.ndim, 0)
-        w = self.weight * scale
-        wq = w if self.weight_quant is None else self.weight_quant(w)
-        if not (self.training and not bool(self.bn_frozen)):
+        wq = self._qweight(self.weight * scale)  # quantized_weight(), with `scale` kept
+        if not self.training or bool(self.bn_frozen):
             # Running statistics (BN frozen, or eval): exactly the exported layer. The same
             # function as scaling back and calling BN in eval mode, with fewer passes.
             return self._qout(self._conv_forward(x, wq, folded_bias(self, bn)))

@@ -54,7 +54,9 @@ class QATMixin:
 
     def quantized_weight(self) -> torch.Tensor:
         """The weight the forward pass uses (fake-quantized when a weight spec is set)."""
-        w = self.weight
+        return self._qweight(self.weight)
+
+    def _qweight(self, w: torch.Tensor) -> torch.Tensor:
         return w if self.weight_quant is None else self.weight_quant(w)
 
     def _qin(self, x: torch.Tensor) -> torch.Tensor:
