@@ -1,33 +1,56 @@
-"""Train, evaluate or export with fake quantization. Thin: Hydra composes, `qat.train.run` runs.
+"""Train, evaluate or export with fake quantization. Thin: Hydra composes, `qat.train` runs.
 
 python train.py                                  # the default digits experiment
 python train.py experiment=shakespeare_w4g32a8 recipe=w8a8
+python train.py recipe=path/to/my_recipe.yaml    # a recipe file of one's own
 python train.py -m recipe=fp32,w8a8,w4a4_lsq     # sweep, summary in the sweep dir
 python train.py ckpt_path=last                   # resume the latest run of the experiment
 python train.py task=eval ckpt_path=PATH
+
+A bad config ends in one line naming the key and the fix (HYDRA_FULL_ERROR=1 for the trace).
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 
 import hydra
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
+
+from qat.train.recipe_files import register_recipe_files
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+
+
+class RunError(CompactHydraException):
+    """A run stopped: Hydra prints the message alone (the trace with HYDRA_FULL_ERROR=1)."""
+
+
+def _one_line(e: Exception) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {text}"
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from qat.train.run import monitored_value, run
+    # Checked before Lightning is imported (~7 s) and before any data loads.
+    from qat.train.preflight import preflight
 
-    results = run(cfg)
+    try:
+        job = preflight(cfg)
+        from qat.train.run import monitored_value, run
+
+        results = run(job)
+    except Exception as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        raise RunError(_one_line(e)) from e
     return monitored_value(results, str(cfg.monitor).split("/")[-1])  # for Hydra sweepers
 
 
 if __name__ == "__main__":
+    register_recipe_files()
     main()

@@ -26,17 +26,10 @@ from torch import nn
 from qat.export import manifest as mf
 from qat.export.manifest import ArtifactError
 from qat.export.report import ParityReport
+from qat.io import fsync_path
 from qat.models import registry
 from qat.quant.recipe import Recipe
 from qat.quant.spec import QuantSpec
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -87,15 +80,15 @@ def save(
     try:
         weights = tmp / mf.WEIGHTS_FILE
         save_file(tensors, weights, metadata={"format": mf.FORMAT})
-        _fsync(weights)
+        fsync_path(weights)
         data = weights.read_bytes()
         manifest = mf.build_manifest(model, tensors, len(data), hashlib.sha256(data).hexdigest())
         if parity is not None:
             manifest["parity"] = parity.to_dict() if isinstance(parity, ParityReport) else parity
         manifest["extra"] = extra
         _write_manifest(tmp / mf.MANIFEST_FILE, manifest)
-        _fsync(tmp / mf.MANIFEST_FILE)
-        _fsync(tmp)
+        fsync_path(tmp / mf.MANIFEST_FILE)
+        fsync_path(tmp)
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.replace(target, old / "artifact")
@@ -103,7 +96,7 @@ def save(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
-        _fsync(target.parent)
+        fsync_path(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

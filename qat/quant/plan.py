@@ -11,6 +11,7 @@ from torch import nn
 
 from qat.quant.bn_fold import BN_TYPES
 from qat.quant.modules import qat_class_for
+from qat.quant.observers import MSE_CANDIDATES, MSE_MAX_SAMPLES
 from qat.quant.recipe import Recipe, _name_matches, as_recipe
 from qat.quant.spec import ROLES, QuantSpec
 
@@ -42,6 +43,43 @@ class Plan:
     def quantized(self) -> list[LayerPlan]:
         return [lp for lp in self.layers if lp.quantized]
 
+    def notes(self) -> list[str]:
+        """What this plan will cost that a user should know before calibration starts."""
+        mse = [
+            (lp.name, spec)
+            for lp in self.layers
+            for role in ("input", "output")
+            if (spec := lp.specs.get(role)) is not None
+            and spec.observer == "mse"
+            and not spec.dynamic
+        ]
+        if not mse:
+            return []
+        static = sum(1 for _, spec in mse if spec.learn == "none")
+        during = f"; {static} of them static, so also every training step until " \
+            "schedule.freeze_observers" if static else ""
+        return [
+            f"cost: {len(mse)} activation quantizers use the mse observer, ~{MSE_CANDIDATES}x "
+            f"the work of ema/minmax per calibration batch ({MSE_CANDIDATES} grids on up to "
+            f"{MSE_MAX_SAMPLES:,} values each){during}; on a language model prefer ema"
+        ]
+
+    def summary(self) -> str:
+        """One line per distinct setting: how many modules got it (a long plan, short)."""
+        counts: dict[str, int] = {}
+        for lp in self.layers:
+            if lp.ignored or not lp.quantized:
+                key = "float" + (" (ignored)" if lp.ignored else "")
+            else:
+                parts = [f"{r} {s.describe()}" for r in ROLES if (s := lp.specs.get(r))]
+                key = ", ".join(parts)
+            counts[key] = counts.get(key, 0) + 1
+        head = f"plan: {len(self.quantized())} of {len(self.layers)} quantizable modules quantized"
+        if self.bn_pairs:
+            head += f" ({len(self.bn_pairs)} BatchNorm {self.recipe.bn})"
+        rows = [f"  {n:>4} x {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1])]
+        return "\n".join([head, *rows, *self.notes()])
+
     def __str__(self) -> str:
         from rich.console import Console
         from rich.table import Table
@@ -58,7 +96,8 @@ class Plan:
         buf = io.StringIO()
         Console(file=buf, width=160, color_system=None).print(table)
         n = len(self.quantized())
-        return buf.getvalue() + f"{n} of {len(self.layers)} quantizable modules quantized\n"
+        notes = "".join(f"{line}\n" for line in self.notes())
+        return buf.getvalue() + f"{n} of {len(self.layers)} quantizable modules quantized\n" + notes
 
 
 def find_conv_bn_pairs(model: nn.Module) -> dict[str, str]:

@@ -1,6 +1,2 @@
-"""Training with Lightning (and Hydra in `run`): module, schedule callback, data stream."""
-
-from qat.train.callbacks import QATScheduleCallback
-from qat.train.module import QATModule
-
-__all__ = ["QATModule", "QATScheduleCallback"]
+"""Training with Lightning, launched by Hydra: `preflight` checks a config in seconds, `run`
+executes its command. Nothing is imported here, so `qat.train.preflight` stays light."""

@@ -1,36 +1,60 @@
-"""Safe checkpoint reading: `weights_only=True`, clear errors, `last` discovery."""
+"""Reading checkpoints safely: `weights_only=True`, one clear error per bad file, `last`.
+
+Nothing here imports Lightning, so a run checks its checkpoint before the trainer loads.
+"""
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def _not_a_checkpoint(path: Path) -> str | None:
+    """Why `path` cannot be a `torch.save` file (a zip archive), or None if it may be one."""
+    size = path.stat().st_size
+    if size == 0:
+        return "it is empty"
+    if not zipfile.is_zipfile(path):
+        with path.open("rb") as f:
+            head = f.read(64)
+        if head.startswith(b"PK\x03\x04"):
+            return "truncated (a zip archive without its end: the write was cut short)"
+        text = head.isascii() and bool(head.strip())
+        kind = "a text file" if text else f"{size} bytes of another format"
+        return f"it is {kind}, not a checkpoint written by torch.save (a zip archive)"
+    return None
+
+
+def load_checkpoint(path: str | Path, mmap: bool = False, lightning: bool = True) -> dict[str, Any]:
     """Load a Lightning checkpoint without unpickling arbitrary objects.
 
-    A file that needs pickle to load (and so could run code) is refused with a clear error.
+    A file that needs pickle to load (and so could run code) is refused; a file that is not a
+    checkpoint at all (text, empty, truncated) gets an error naming it. `mmap=True` maps the
+    tensors instead of reading them: cheap when only the metadata is needed. `lightning=False`
+    accepts any weights-only dict (Lightning's own temporary files under `ddp_spawn`).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    why = _not_a_checkpoint(path)
+    if why is not None:
+        raise ValueError(f"checkpoint {path} is unreadable or {why}" if why.startswith("trunc")
+                         else f"checkpoint {path} is unreadable: {why}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         raise ValueError(
             f"refusing to load {path}: it holds objects that only a full unpickle could build "
             f"(weights_only=True refused them: {str(e).splitlines()[0]}). qat never unpickles "
             "checkpoints; use a checkpoint written by qat's trainer."
         ) from None
-    except (RuntimeError, EOFError, OSError) as e:
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
         raise ValueError(f"checkpoint {path} is unreadable or truncated: {e}") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+    if lightning and (not isinstance(ckpt, dict) or "state_dict" not in ckpt):
         raise ValueError(f"checkpoint {path} has no state_dict: not a qat/Lightning checkpoint")
     return ckpt
 
@@ -39,6 +63,33 @@ def model_state(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The wrapped model's state_dict (the LightningModule stores it under `model.`)."""
     sd = ckpt["state_dict"]
     return {k[len("model.") :]: v for k, v in sd.items() if k.startswith("model.")}
+
+
+def differences(a: Any, b: Any, path: str) -> list[str]:
+    """Paths (`recipe.schedule.calibrate`) where two JSON-like values differ, with both values."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += differences(a.get(k, "<absent>"), b.get(k, "<absent>"), f"{path}.{k}")
+        return out
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        pairs = enumerate(zip(a, b, strict=True))
+        return [d for i, (x, y) in pairs for d in differences(x, y, f"{path}[{i}]")]
+    return [] if a == b else [f"{path}: checkpoint {a!r}, this run {b!r}"]
+
+
+def check_meta(saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
+    """Refuse a checkpoint made with another model, recipe or task, naming the difference."""
+    if saved is None:
+        raise ValueError("checkpoint has no qat metadata: it was not written by qat's trainer")
+    for key in ("task", "model", "recipe"):
+        if key in current and saved.get(key) != current.get(key):
+            diffs = differences(saved.get(key), current.get(key), key)
+            more = f" (and {len(diffs) - 5} more)" if len(diffs) > 5 else ""
+            raise ValueError(
+                f"checkpoint mismatch in {key!r}: {'; '.join(diffs[:5])}{more}. Use the same "
+                f"{key} settings as the run that wrote it (or start a new run without ckpt_path)."
+            )
 
 
 def find_last_checkpoint(run_root: Path) -> Path:
@@ -54,48 +105,3 @@ def find_last_checkpoint(run_root: Path) -> Path:
             "pass ckpt_path=<file> or check run_name/paths.log_dir"
         )
     return found[-1]
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints written to a temp file in the same folder, fsynced, then renamed.
-
-    A crash or a full disk never leaves a truncated `.ckpt`; a failed write raises an error
-    that names the file and the cause. Loading always uses `weights_only=True`.
-    """
-
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None
-    ) -> None:
-        path = Path(path)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        except OSError as e:
-            raise CheckpointWriteError(path, e) from None
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except OSError as e:
-            Path(tmp).unlink(missing_ok=True)
-            raise CheckpointWriteError(path, e) from None
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
-    def load_checkpoint(
-        self, path: Any, map_location: Any = None, weights_only: bool | None = None
-    ) -> dict[str, Any]:
-        return load_checkpoint(path)
-
-
-class CheckpointWriteError(RuntimeError):
-    def __init__(self, path: Path, err: OSError) -> None:
-        reason = os.strerror(err.errno) if err.errno else str(err)
-        super().__init__(
-            f"could not write checkpoint {path}: {reason}. Nothing partial was left behind; "
-            "free disk space or point paths.log_dir / hydra.run.dir at a writable location, "
-            "then resume with ckpt_path=last."
-        )

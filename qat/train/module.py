@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from qat.quant import FakeQuantizer, quantizers
+from qat.train.checkpoint import check_meta
 from qat.train.tasks import TaskMetrics, check_task, model_forward, task_loss
 
 
@@ -235,30 +236,3 @@ class QATModule(L.LightningModule):
         check_meta(checkpoint.get("qat_meta"), self.meta)
         if "qat_rng" in checkpoint:
             set_rng_state(checkpoint["qat_rng"])
-
-
-def _differences(a: Any, b: Any, path: str) -> list[str]:
-    """Paths (`recipe.schedule.calibrate`) where two JSON-like values differ, with both values."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        out: list[str] = []
-        for k in sorted(set(a) | set(b), key=str):
-            out += _differences(a.get(k, "<absent>"), b.get(k, "<absent>"), f"{path}.{k}")
-        return out
-    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        pairs = enumerate(zip(a, b, strict=True))
-        return [d for i, (x, y) in pairs for d in _differences(x, y, f"{path}[{i}]")]
-    return [] if a == b else [f"{path}: checkpoint {a!r}, this run {b!r}"]
-
-
-def check_meta(saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
-    """Refuse a checkpoint made with another model, recipe or task, naming the difference."""
-    if saved is None:
-        raise ValueError("checkpoint has no qat metadata: it was not written by qat's trainer")
-    for key in ("task", "model", "recipe"):
-        if key in current and saved.get(key) != current.get(key):
-            diffs = _differences(saved.get(key), current.get(key), key)
-            more = f" (and {len(diffs) - 5} more)" if len(diffs) > 5 else ""
-            raise ValueError(
-                f"checkpoint mismatch in {key!r}: {'; '.join(diffs[:5])}{more}. Use the same "
-                f"{key} settings as the run that wrote it (or start a new run without ckpt_path)."
-            )

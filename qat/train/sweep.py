@@ -11,6 +11,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from qat.io import atomic_write
+
 
 def collect(sweep_dir: Path) -> list[dict[str, Any]]:
     rows = []
@@ -33,14 +35,16 @@ def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
     w = csv.DictWriter(buf, fieldnames=cols)
     w.writeheader()
     w.writerows(rows)
-    (sweep_dir / "summary.csv").write_text(buf.getvalue())
+    csv_text = buf.getvalue().encode()
+    atomic_write(sweep_dir / "summary.csv", lambda f: f.write(csv_text))
 
     def fmt(v: Any) -> str:
         return f"{v:.4f}" if isinstance(v, float) else str(v if v is not None else "")
 
     md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     md += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
-    (sweep_dir / "summary.md").write_text("\n".join(md) + "\n")
+    md_text = ("\n".join(md) + "\n").encode()
+    atomic_write(sweep_dir / "summary.md", lambda f: f.write(md_text))
     return rows
 
 
@@ -48,6 +52,7 @@ class SweepSummary(Callback):
     """Writes `summary.md` and `summary.csv` in the sweep dir when a multirun ends."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        rows = write_summary(Path(config.hydra.sweep.dir))
+        sweep_dir = Path(config.hydra.sweep.dir)
+        rows = write_summary(sweep_dir)
         if rows:
-            print(f"sweep summary of {len(rows)} runs: {config.hydra.sweep.dir}/summary.md")
+            print(f"sweep summary of {len(rows)} runs: {sweep_dir / 'summary.md'} (and .csv)")

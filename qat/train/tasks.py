@@ -60,20 +60,26 @@ def task_loss(
 
 
 class TaskMetrics(nn.Module):
-    """Per-split metric state: accuracy, perplexity, or cosine similarity to the teacher."""
+    """Per-split metric state: accuracy, perplexity, or cosine similarity to the teacher.
+
+    Never synced across processes: every rank evaluates the whole split (validation loaders
+    are not sharded), and rank 0 alone evaluates after training, so a sync would wait on
+    ranks that have finished.
+    """
 
     def __init__(self, task: str, num_classes: int | None = None) -> None:
         super().__init__()
         self.task = task
+        local = {"sync_on_compute": False}
         if task == "classification":
             self.metric = torchmetrics.classification.MulticlassAccuracy(
-                num_classes=num_classes or 2, average="micro"
+                num_classes=num_classes or 2, average="micro", **local
             )
         elif task == "causal_lm":
-            self.metric = torchmetrics.text.Perplexity()
+            self.metric = torchmetrics.text.Perplexity(**local)
         else:
-            self.metric = torchmetrics.MeanMetric()
-        self.loss = torchmetrics.MeanMetric()
+            self.metric = torchmetrics.MeanMetric(**local)
+        self.loss = torchmetrics.MeanMetric(**local)
 
     @property
     def name(self) -> str:

@@ -172,7 +172,7 @@ def test_not_an_artifact(tmp_path):
         qat.load(tmp_path)
 
 
-@pytest.mark.parametrize("where", ["save_file", "_write_manifest", "_fsync"])
+@pytest.mark.parametrize("where", ["save_file", "_write_manifest", "fsync_path"])
 def test_crash_during_save_leaves_no_artifact(tmp_path, gpt_int, monkeypatch, where):
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("simulated crash")

@@ -1,9 +1,7 @@
 """ONNX export: QDQ structure read back with `onnx`, ONNX Runtime against the integer executor."""
 
 import builtins
-import doctest
 import functools
-import importlib
 
 import numpy as np
 import pytest
@@ -217,13 +215,3 @@ def test_refuses_a_fake_quant_model_and_needs_onnx(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_onnx)
     with pytest.raises(ImportError, match=r"pip install qat\[onnx\]"):
         export_onnx(nn.Linear(4, 2), (torch.randn(1, 4),), tmp_path / "m.onnx")
-
-
-@pytest.mark.parametrize(
-    "module",
-    ["qat.export.onnx", "qat.export.onnx_parity", "qat.export.onnx_vnni", "qat.export.onnx_layers"],
-)
-def test_docstring_examples_run(module, monkeypatch, tmp_path):
-    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
-    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0

@@ -1,7 +1,5 @@
 """`export_model` (convert, gate, save in one call) and the runnable docstring examples."""
 
-import doctest
-import importlib
 import json
 from pathlib import Path
 
@@ -39,23 +37,3 @@ def test_failed_gate_raises_and_writes_nothing(tmp_path):
     ):
         export_model(model, batches, tmp_path / "cnn", forward=forward, log=None)
     assert list(tmp_path.iterdir()) == []
-
-
-@pytest.mark.parametrize(
-    "module",
-    [
-        "qat.export.packing",
-        "qat.export.int_layers",
-        "qat.export.convert",
-        "qat.export.parity",
-        "qat.export.report",
-        "qat.export.int_base",
-        "qat.export.pipeline",
-        "qat.export.artifact",
-    ],
-)
-def test_docstring_examples_run(module, monkeypatch, tmp_path):
-    monkeypatch.chdir(REPO)  # examples read configs/recipe/*.yaml
-    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
-    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0

@@ -12,14 +12,9 @@ import torch
 
 import qat
 from qat.models.registry import build_model
-from qat.train.checkpoint import (
-    AtomicCheckpointIO,
-    CheckpointWriteError,
-    find_last_checkpoint,
-    load_checkpoint,
-    model_state,
-)
+from qat.train.checkpoint import find_last_checkpoint, load_checkpoint, model_state
 from qat.train.module import QATModule
+from qat.train.trainer import AtomicCheckpointIO, CheckpointWriteError
 
 from .conftest import ROOT, TINY
 

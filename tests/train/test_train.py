@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import qat.train.preflight as preflight_mod
 import qat.train.run as runmod
 from qat.train.checkpoint import load_checkpoint, model_state
 from qat.train.run import run
@@ -61,9 +62,17 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(make_cfg, monkeypatch):
 
     cfg2 = make_cfg(common + [f"ckpt_path={mid}"], name="resumed")
     reads = []
-    monkeypatch.setattr(runmod, "load_checkpoint", lambda p: reads.append(p) or load_checkpoint(p))
+
+    def counted(p, mmap=False):
+        reads.append((Path(p), mmap))
+        return load_checkpoint(p, mmap=mmap)
+
+    monkeypatch.setattr(runmod, "load_checkpoint", counted)
+    monkeypatch.setattr(preflight_mod, "load_checkpoint", counted)
     run(cfg2)
-    assert [Path(p) for p in reads].count(mid) == 1  # our code reads it once (Lightning too)
+    # Our code opens it once, tensors memory-mapped (preflight reads the metadata);
+    # Lightning alone reads the weights.
+    assert [r for r in reads if r[0] == mid] == [(mid, True)]
     resumed = model_state(load_checkpoint(Path(cfg2.paths.output_dir) / "checkpoints/last.ckpt"))
     assert straight.keys() == resumed.keys()
     for k in straight:

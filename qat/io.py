@@ -1,0 +1,86 @@
+"""The one atomic file write: a temp file in the same folder, fsync, rename, fsync the folder.
+
+A reader (or a resumed run) sees the old file or the whole new one, never a torn one, even
+if the process is killed mid-write. Writing in the same folder keeps the rename atomic
+(a temp file in `$TMPDIR` may sit on another file system, where a "move" is a copy).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+
+class WriteError(OSError):
+    """A file could not be written; nothing partial was left behind. One line: the file, the
+    cause and what to do."""
+
+    def __init__(self, path: Path, err: OSError, what: str = "file", then: str = "") -> None:
+        reason = os.strerror(err.errno) if err.errno else str(err)
+        super().__init__(
+            err.errno,
+            f"could not write {what} {path}: {reason}. Nothing partial was left behind; free "
+            f"disk space or point paths.log_dir / hydra.run.dir at a writable location{then}",
+        )
+        self.path = path
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a folder (which makes a rename inside it durable), to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(
+    path: str | os.PathLike,
+    write: Callable[[IO[bytes]], Any],
+    what: str = "file",
+    error: type[WriteError] = WriteError,
+) -> Path:
+    """Call `write(f)` on a temp file beside `path`, then rename it over `path`.
+
+    An `OSError` (full disk, read-only folder) becomes `error` (a `WriteError`) naming
+    `path`; on any failure the temp file is removed.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "x.bin"
+        >>> atomic_write(p, lambda f: f.write(b"ok")).read_bytes()
+        b'ok'
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise error(path, e, what) from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_path(path.parent)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise error(path, e, what) from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    """`data` as indented JSON, written atomically."""
+    text = json.dumps(data, indent=2, sort_keys=True).encode()
+    return atomic_write(path, lambda f: f.write(text), "JSON file")

@@ -1,0 +1,320 @@
+"""Everything a run can check before it loads data or imports Lightning: a few seconds.
+
+`preflight(cfg)` reads the command, range-checks the numbers, reads and plans the recipe
+against the model, and opens the checkpoint or artifact it names. Each problem is one
+`ValueError` naming the config key, the value and the fix. The result, a `Job`, holds the
+objects built on the way, so the run does not build them again.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import qat
+from qat.export import read_manifest
+from qat.models.registry import build_model
+from qat.quant.plan import Plan
+from qat.quant.recipe import Recipe
+from qat.train.checkpoint import check_meta, find_last_checkpoint, load_checkpoint
+
+COMMANDS = ("train", "eval", "export")
+OBJECTIVES = ("classification", "causal_lm", "embedding")
+FORMATS = ("qat", "onnx", "gguf")
+AUTO_ARGS = ("vocab_size", "num_classes")  # sizes the data decides (model.args.X: auto)
+GGUF_BUILDERS = ("gpt",)
+# `auto` sizes only an output layer or a vocabulary: the plan is checked with this stand-in.
+STAND_IN_SIZE = 64
+
+
+def _int(lo: int) -> tuple[Any, str]:
+    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo,
+            f"an integer >= {lo}")
+
+
+def _num(lo: float, hi: float | None = None, open_lo: bool = False) -> tuple[Any, str]:
+    def ok(v: Any) -> bool:
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            return False
+        return (v > lo if open_lo else v >= lo) and (hi is None or v <= hi)
+
+    span = f"{'(' if open_lo else '['}{lo}, {hi if hi is not None else 'inf'}{']' if hi else ')'}"
+    return ok, f"a number in {span}"
+
+
+def _either(a: tuple[Any, str], b: tuple[Any, str]) -> tuple[Any, str]:
+    return (lambda v: a[0](v) or b[0](v)), f"{a[1]}, or {b[1]}"
+
+
+def _choice(*values: Any) -> tuple[Any, str]:
+    return (lambda v: v in values), ", ".join(map(str, values))
+
+
+_STEPS = _int(0)
+_BATCHES = _either(_int(0), _num(0.0, 1.0))
+# key -> (accepts?, allowed). A key absent from the config is not checked.
+NUMBERS: dict[str, tuple[Any, str]] = {
+    "trainer.max_steps": (_STEPS[0], "an integer >= 0 (0: calibrate and export, no training)"),
+    "float_stage.max_steps": (_STEPS[0], "an integer >= 0 (0: no float training)"),
+    "trainer.val_check_interval": _either(_int(1), _num(0.0, 1.0, open_lo=True)),
+    "trainer.limit_val_batches": _BATCHES,
+    "trainer.limit_test_batches": _BATCHES,
+    "trainer.log_every_n_steps": _int(1),
+    "trainer.accumulate_grad_batches": _int(1),
+    "trainer.devices": _either(_int(1), _choice("auto")),
+    "data.batch_size": _int(1),
+    "float_stage.lr": _num(0.0, open_lo=True),
+    "module.lr": _num(0.0, open_lo=True),
+    "module.weight_decay": _num(0.0),
+    "module.quant_lr_mult": _num(0.0, open_lo=True),
+    "module.warmup_steps": _int(0),
+    "module.kd_weight": _num(0.0, 1.0),
+    "module.kd_temperature": _num(0.0, open_lo=True),
+    "module.task": _choice(*OBJECTIVES),
+    "module.optimizer": _choice("adamw", "sgd"),
+    "module.distill_loss": _choice("cosine", "mse"),
+    "module.dropout": _either(_choice(None), _num(0.0, 0.999999)),
+    "threads": _either(_choice(None), _int(1)),
+    "seed": _int(0),
+    "log_quant_every_n_steps": _int(0),
+    "monitor_mode": _choice("min", "max"),
+    "export.batches": _int(1),
+    "export.max_rel_error": _num(0.0, open_lo=True),
+    "export.min_top1_agreement": _num(0.0, 1.0),
+    "export.min_cosine": _num(-1.0, 1.0),
+    "callbacks.model_checkpoint.every_n_train_steps": _either(_choice(None), _int(1)),
+}
+
+
+def check_numbers(cfg: DictConfig) -> None:
+    """Range-check every key of `NUMBERS` present in `cfg`."""
+    for key, (ok, allowed) in NUMBERS.items():
+        value = OmegaConf.select(cfg, key, default="<absent>")
+        if value == "<absent>":
+            continue
+        if not ok(value):
+            raise ValueError(f"{key}: got {value!r}; allowed: {allowed}")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered builder and its JSON arguments; `auto` values come from the data."""
+
+    builder: str
+    args: dict[str, Any]
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> ModelSpec:
+        args = cfg.model.get("args")
+        args = OmegaConf.to_container(args, resolve=True) if args is not None else {}
+        return cls(str(cfg.model.builder), dict(args))
+
+    def resolved(self, datamodule: Any) -> ModelSpec:
+        """`auto` arguments filled from the datamodule's attributes of the same name."""
+        args = dict(self.args)
+        for key in AUTO_ARGS:
+            if args.get(key) == "auto":
+                if not hasattr(datamodule, key):
+                    raise ValueError(f"model.args.{key}=auto but data "
+                                     f"{type(datamodule).__name__} has no {key}")
+                args[key] = int(getattr(datamodule, key))
+        return ModelSpec(self.builder, args)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"builder": self.builder, "args": dict(self.args)}
+
+    def build(self) -> torch.nn.Module:
+        return build_model(self.builder, **self.args)
+
+    def probe(self) -> torch.nn.Module:
+        """The model with stand-in sizes for `auto`, built without touching the global RNG
+        (the real model is built after seeding, with the data's sizes)."""
+        args = {k: STAND_IN_SIZE if v == "auto" else v for k, v in self.args.items()}
+        with torch.random.fork_rng(devices=[]):
+            return build_model(self.builder, **args)
+
+    def matching(self, meta: dict[str, Any]) -> dict[str, Any]:
+        """This spec as a dict, `auto` arguments taken from a checkpoint's `meta` (the data
+        decides them, so they match whatever the checkpoint's run found)."""
+        saved = (meta.get("model") or {}).get("args") or {}
+        args = {k: saved.get(k, v) if v == "auto" else v for k, v in self.args.items()}
+        return {"builder": self.builder, "args": args}
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a run needs to know of a checkpoint before loading it for real."""
+
+    path: Path
+    meta: dict[str, Any]
+    global_step: int
+
+    @classmethod
+    def open(cls, path: str | Path, key: str) -> Checkpoint:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{key}={path} does not exist")
+        try:  # tensors memory-mapped, not read: only the metadata is needed here
+            ckpt = load_checkpoint(path, mmap=True)
+        except ValueError as e:
+            raise ValueError(f"{key}: {e}") from None
+        meta = ckpt.get("qat_meta")
+        if not isinstance(meta, dict) or "model" not in meta:
+            raise ValueError(f"{key}: {path} has no qat metadata: it was not written by "
+                             "qat's trainer")
+        return cls(Path(path), meta, int(ckpt.get("global_step", 0)))
+
+    @property
+    def is_float(self) -> bool:
+        return self.meta.get("recipe") is None
+
+
+@dataclass(frozen=True)
+class Job:
+    """A checked run: the command and the objects built from the config for it."""
+
+    cfg: DictConfig
+    command: str
+    objective: str
+    model: ModelSpec
+    recipe: Recipe
+    plan: Plan | None = None  # train: the recipe against the model
+    resume: Checkpoint | None = None  # train: continue this QAT run
+    init_from: Checkpoint | None = None  # train: QAT from this float checkpoint
+    checkpoint: Checkpoint | None = None  # eval / export
+    artifact: Path | None = None  # eval: an exported artifact
+    formats: tuple[str, ...] = ("qat",)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.paths.output_dir)
+
+    @property
+    def threads(self) -> int:
+        return int(self.cfg.get("threads") or os.cpu_count() or 1)
+
+
+def _checkpoint_path(cfg: DictConfig, key: str = "ckpt_path") -> str | None:
+    path = cfg.get(key)
+    if path in (None, ""):
+        return None
+    if path == "last" and key == "ckpt_path":
+        return str(find_last_checkpoint(Path(cfg.paths.log_dir) / str(cfg.run_name)))
+    return str(path)
+
+
+def _formats(cfg: DictConfig, model: ModelSpec) -> tuple[str, ...]:
+    formats = list(cfg.export.get("formats") or ["qat"])
+    for f in formats:
+        if f not in FORMATS:
+            raise ValueError(f"export.formats: got {f!r}; allowed: {', '.join(FORMATS)}")
+    if "gguf" in formats and model.builder not in GGUF_BUILDERS:
+        raise ValueError(f"export.formats: gguf needs a llama-style GPT (model.builder: "
+                         f"{', '.join(GGUF_BUILDERS)}), got model.builder={model.builder}; "
+                         "drop gguf from export.formats")
+    return tuple(["qat"] + [f for f in formats if f != "qat"])  # the gated artifact first
+
+
+def check_target(what: str, cfg_task: str, cfg_builder: str, task: str | None,
+                 builder: str | None) -> None:
+    """A checkpoint or artifact is evaluated on this config's data: refuse one made for
+    another objective or model (it would fail deep in a layer, or measure nonsense)."""
+    if (task is not None and task != cfg_task) or (builder is not None and builder != cfg_builder):
+        made = f"task {task!r} with model builder {builder!r}" if task else f"model {builder!r}"
+        raise ValueError(
+            f"{what} was made for {made}, but this config has module.task={cfg_task!r} and "
+            f"model.builder={cfg_builder!r}: evaluate it with the experiment it was trained "
+            "with (e.g. experiment=minilm_w8a8_kd; the training run's overrides are in "
+            "<run dir>/.hydra/overrides.yaml)"
+        )
+
+
+def _check_origin(ckpt: Checkpoint, objective: str, model: ModelSpec,
+                  recipe: Recipe | None = None) -> None:
+    """Refuse a checkpoint of another objective, model or (when given) recipe."""
+    current: dict[str, Any] = {"task": objective, "model": model.matching(ckpt.meta)}
+    if recipe is not None:
+        current["recipe"] = recipe.to_dict()
+    check_meta(ckpt.meta, current)
+
+
+def _train_job(cfg: DictConfig, base: dict[str, Any]) -> Job:
+    model, recipe, objective = base["model"], base["recipe"], base["objective"]
+    try:
+        plan = qat.plan(model.probe(), recipe)
+    except ValueError as e:
+        raise ValueError(f"recipe={cfg.get('recipe_name')} on model {model.builder}: {e}") from None
+    resume = init_from = None
+    path = _checkpoint_path(cfg)
+    if path is not None:
+        resume = Checkpoint.open(path, "ckpt_path")
+        if resume.is_float:
+            raise ValueError(f"ckpt_path={resume.path} is a float-stage checkpoint; to start "
+                             "QAT from it use init_from=<it> instead of ckpt_path")
+        _check_origin(resume, objective, model, recipe)
+    elif cfg.get("init_from"):
+        init_from = Checkpoint.open(cfg.init_from, "init_from")
+        if not init_from.is_float:
+            raise ValueError(
+                f"init_from={init_from.path} is a QAT checkpoint; init_from takes the float "
+                "stage's checkpoint (float/checkpoints/last.ckpt). To continue a QAT run use "
+                "ckpt_path.")
+        _check_origin(init_from, objective, model)
+    return Job(cfg, "train", plan=plan, resume=resume, init_from=init_from, **base)
+
+
+def _eval_job(cfg: DictConfig, base: dict[str, Any]) -> Job:
+    objective, model = base["objective"], base["model"]
+    if cfg.get("artifact"):
+        artifact = Path(cfg.artifact)
+        try:
+            manifest = read_manifest(artifact)
+        except ValueError as e:
+            raise ValueError(f"artifact={artifact}: {e}") from None
+        check_target(f"artifact={artifact}", objective, model.builder,
+                     (manifest.get("extra") or {}).get("task"), manifest["builder"]["name"])
+        return Job(cfg, "eval", artifact=artifact, **base)
+    path = _checkpoint_path(cfg)
+    if path is None:
+        raise ValueError("task=eval needs ckpt_path=<checkpoint> (or last) or artifact=<dir>")
+    ckpt = Checkpoint.open(path, "ckpt_path")
+    check_target(f"ckpt_path={path}", objective, model.builder, ckpt.meta.get("task"),
+                 (ckpt.meta.get("model") or {}).get("builder"))
+    return Job(cfg, "eval", checkpoint=ckpt, **base)
+
+
+def _export_job(cfg: DictConfig, base: dict[str, Any]) -> Job:
+    path = _checkpoint_path(cfg)
+    if path is None:
+        raise ValueError("task=export needs ckpt_path=<checkpoint> (or ckpt_path=last)")
+    ckpt = Checkpoint.open(path, "ckpt_path")
+    if ckpt.is_float:
+        raise ValueError(f"ckpt_path={path} is a float checkpoint: there is nothing quantized "
+                         "to export")
+    check_target(f"ckpt_path={path}", base["objective"], base["model"].builder,
+                 ckpt.meta.get("task"), (ckpt.meta.get("model") or {}).get("builder"))
+    return Job(cfg, "export", checkpoint=ckpt, **base)
+
+
+def preflight(cfg: DictConfig) -> Job:
+    """Check `cfg` for its command and return the `Job`; `ValueError` on the first problem."""
+    command = cfg.get("task", "train")
+    if command not in COMMANDS:
+        raise ValueError(f"task: got {command!r}; allowed: {', '.join(COMMANDS)}")
+    check_numbers(cfg)
+    try:
+        recipe = Recipe.from_dict(cfg.recipe)
+    except ValueError as e:
+        raise ValueError(f"recipe ({cfg.get('recipe_name')}): {e}") from None
+    model = ModelSpec.from_config(cfg)
+    base = {
+        "objective": str(cfg.module.task),
+        "model": model,
+        "recipe": recipe,
+        "formats": _formats(cfg, model),
+    }
+    return {"train": _train_job, "eval": _eval_job, "export": _export_job}[command](cfg, base)

@@ -1,0 +1,132 @@
+"""Lightning Trainers from the config: one per stage (float, qat) and one for evaluation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from omegaconf import DictConfig
+
+from qat.io import WriteError, atomic_write
+from qat.train.checkpoint import load_checkpoint
+from qat.train.data import set_stream_position, stream_loader
+from qat.train.module import QATModule
+
+
+class CheckpointWriteError(WriteError):
+    """A checkpoint could not be written; the previous ones are whole and resume."""
+
+    def __init__(self, path: Path, err: OSError, what: str = "checkpoint") -> None:
+        super().__init__(path, err, what, then=", then resume with ckpt_path=last")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writes through `qat.io.atomic_write` (temp file in the same
+    folder, fsync, rename, fsync the folder); reads with `weights_only=True`.
+
+    A crash or a full disk never leaves a truncated `.ckpt`; a failed write raises
+    `CheckpointWriteError` naming the file and the cause.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None
+    ) -> None:
+        atomic_write(path, lambda f: torch.save(checkpoint, f), "checkpoint",
+                     CheckpointWriteError)
+
+    def load_checkpoint(
+        self, path: Any, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        return load_checkpoint(path, lightning=False)
+
+
+def is_rank_zero() -> bool:
+    """True in the process that reports and exports (rank 0 under DDP, else always)."""
+    return rank_zero_only.rank == 0
+
+
+def make_trainer(
+    cfg: DictConfig, out_dir: Path, stage: str, max_steps: int, single: bool = False
+) -> L.Trainer:
+    """The configured Trainer; `single=True` for evaluation (one process even under DDP, no
+    checkpoints, no progress bar: evaluation prints its own result)."""
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    if single:
+        callbacks = [c for c in callbacks if not isinstance(c, (ModelCheckpoint, ProgressBar))]
+    if not cfg.trainer.get("enable_progress_bar", True):  # the switch alone turns bars off
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    for cb in callbacks:
+        if isinstance(cb, ModelCheckpoint):
+            cb.dirpath = str(out_dir / "checkpoints")
+    loggers = [hydra.utils.instantiate(lg) for lg in (cfg.get("logger") or {}).values()]
+    for lg in loggers:
+        if hasattr(lg, "_name"):  # one log folder per stage: logs/float, logs/qat, ...
+            lg._name = f"{lg._name}/{stage}"
+    over: dict[str, Any] = {}
+    if single:
+        over = {"strategy": "auto", "devices": 1, "num_nodes": 1, "enable_progress_bar": False}
+    elif "spawn" in str(cfg.trainer.get("strategy", "")):
+        # Spawned workers receive the model through shared memory; file descriptors fail
+        # here for some storages ("unable to resize file"), named files work.
+        torch.multiprocessing.set_sharing_strategy("file_system")
+    return hydra.utils.instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=(loggers or False) if not single else False,
+        max_steps=max_steps,
+        default_root_dir=str(out_dir),
+        plugins=[AtomicCheckpointIO()],  # every checkpoint Lightning writes is atomic
+        **over,
+    )
+
+
+def evaluate(cfg: DictConfig, module: QATModule, dm: Any, out_dir: Path) -> dict[str, float]:
+    """Metrics on val and test as `{"val/acc": ..., "test/acc": ...}`, in this process."""
+    trainer = make_trainer(cfg, out_dir, "eval", 0, single=True)
+    out: dict[str, float] = {}
+    for split, loader in (("val", dm.val_dataloader()), ("test", dm.test_dataloader())):
+        fn = trainer.validate if split == "val" else trainer.test
+        res = fn(module, dataloaders=loader, verbose=False)
+        out.update({k: float(v) for k, v in res[0].items() if k.startswith(f"{split}/")})
+    return out
+
+
+def fit(
+    cfg: DictConfig,
+    module: QATModule,
+    dm: Any,
+    out_dir: Path,
+    stage: str,
+    max_steps: int,
+    ckpt_path: str | None = None,
+    extra_callbacks: tuple = (),
+    start_step: int = 0,
+) -> L.Trainer:
+    """Train `module` for `max_steps` optimizer steps (0: nothing to do, e.g. PTQ).
+
+    Resuming (`ckpt_path`, written at optimizer step `start_step`), the data stream
+    continues where that run left it.
+    """
+    trainer = make_trainer(cfg, out_dir, stage, max_steps)
+    if max_steps == 0 and ckpt_path is None:
+        return trainer
+    trainer.callbacks.extend(extra_callbacks)
+    loader = stream_loader(dm, int(cfg.seed))
+    if ckpt_path is not None:
+        accumulate = int(cfg.trainer.get("accumulate_grad_batches") or 1)
+        set_stream_position(loader, start_step, accumulate)
+    val = dm.val_dataloader() if cfg.trainer.get("limit_val_batches", 1) != 0 else None
+    trainer.fit(
+        module,
+        train_dataloaders=loader,
+        val_dataloaders=val,
+        ckpt_path=ckpt_path,
+        weights_only=True,
+    )
+    return trainer
