@@ -101,9 +101,9 @@ def interleaved(sessions: list, feeds: dict, repeats: int) -> list[list[float]]:
 
 
 def parity_rows(name: str, build: Callable, make: Callable, names: list[str], g) -> None:
-    """ONNX Runtime against the integer executor, w8a8 and w7a8 (see `qat.export.onnx_vnni`)."""
-    from qat.export.onnx_parity import onnx_parity_report
-    from qat.export.onnx_vnni import emulate_no_vnni
+    """ONNX Runtime against the integer executor, w8a8 and w7a8 (see `qat.export.onnx.cpu`)."""
+    from qat.export.onnx.cpu import emulate_no_vnni
+    from qat.export.onnx.parity import onnx_parity_report
     from qat.export.parity import as_tensor
     from qat.export.report import TensorParity
 

@@ -52,7 +52,7 @@ def export_trained(job: Job, model: torch.nn.Module, dm: Any) -> tuple[torch.nn.
         out["gguf"] = str(write_gguf(model, out_dir / "export" / "model.gguf", vocab=vocab))
     if "onnx" in job.formats:
         from qat.export.onnx import export_onnx
-        from qat.export.onnx_parity import onnx_parity
+        from qat.export.onnx.parity import onnx_parity
 
         inputs = [_as_inputs(task, b) for b in batches]
         names = ["input_ids", "attention_mask"] if embedding else ["x"]

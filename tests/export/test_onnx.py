@@ -10,8 +10,8 @@ from torch import nn
 
 import qat
 from qat.export.onnx import export_onnx, ort_session
-from qat.export.onnx_parity import onnx_parity, onnx_parity_report
-from qat.export.onnx_vnni import cpu_has_vnni, emulate_no_vnni, pair_saturated_matmul
+from qat.export.onnx.cpu import cpu_has_vnni, emulate_no_vnni, pair_saturated_matmul
+from qat.export.onnx.parity import onnx_parity, onnx_parity_report
 
 from .helpers import recipe, trained
 

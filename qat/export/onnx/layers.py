@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from qat.export import onnx_ops as ops
 from qat.export.int_base import IntLayer
 from qat.export.int_layers import IntConv1d, IntConv2d, IntEmbedding, IntLinear
+from qat.export.onnx import ops
 from qat.quant.spec import QuantSpec
 
 ARGS = ("weight_q", "weight", "weight_scale", "weight_zero_point", "bias",

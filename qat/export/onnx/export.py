@@ -41,9 +41,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from qat.export import onnx_graph
 from qat.export.int_base import IntLayer
-from qat.export.onnx_layers import STATE, OnnxLayer
+from qat.export.onnx import graph as onnx_graph
+from qat.export.onnx.layers import STATE, OnnxLayer
 from qat.quant.modules import QATMixin
 
 OPSET = 21
@@ -210,7 +210,7 @@ def export_onnx(
     file and renamed, and passes `onnx.checker.check_model`. Its metadata holds `qat.taps`
     (where each layer's quantizer inputs and output are, for the parity gate),
     `qat.input_names` and `qat.reduce_range`. Gate it with
-    `qat.export.onnx_parity.onnx_parity_report(int_model, path, batches).check()`.
+    `qat.export.onnx.parity.onnx_parity_report(int_model, path, batches).check()`.
 
     Example:
         >>> import qat, tempfile

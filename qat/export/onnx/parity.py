@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from qat.export import onnx_graph
 from qat.export.int_base import IntLayer
-from qat.export.onnx import ort_session, require_onnx
+from qat.export.onnx import graph as onnx_graph
+from qat.export.onnx.export import ort_session, require_onnx
 from qat.export.parity import _Aligner, as_tensor
 from qat.export.report import ParityReport, TensorParity
 
