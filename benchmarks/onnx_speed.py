@@ -102,7 +102,7 @@ def interleaved(sessions: list, feeds: dict, repeats: int) -> list[list[float]]:
 
 def parity_rows(name: str, build: Callable, make: Callable, names: list[str], g) -> None:
     """ONNX Runtime against the integer executor, w8a8 and w7a8 (see `qat.export.onnx.cpu`)."""
-    from qat.export.onnx.cpu import emulate_no_vnni
+    from qat.export.onnx.cpu import emulate
     from qat.export.onnx.parity import onnx_parity_report
     from qat.export.parity import as_tensor
     from qat.export.report import TensorParity
@@ -116,7 +116,7 @@ def parity_rows(name: str, build: Callable, make: Callable, names: list[str], g)
         with torch.no_grad():
             for b in batches:
                 ref = as_tensor(int_model(*b))
-                with emulate_no_vnni(int_model):
+                with emulate(int_model, "avx2", "any"):
                     emu.add(ref, as_tensor(int_model(*b)), rows=True)
         free, layer = rep.free_running, max(t.rel for t in rep.layers)
         print(

@@ -52,13 +52,19 @@ def export_trained(job: Job, model: torch.nn.Module, dm: Any) -> tuple[torch.nn.
         out["gguf"] = str(write_gguf(model, out_dir / "export" / "model.gguf", vocab=vocab))
     if "onnx" in job.formats:
         from qat.export.onnx import export_onnx
-        from qat.export.onnx.parity import onnx_parity
+        from qat.export.onnx.parity import gate_onnx
 
         inputs = [_as_inputs(task, b) for b in batches]
         names = ["input_ids", "attention_mask"] if embedding else ["x"]
-        onnx_path = export_onnx(int_model, inputs[0], out_dir / "export" / "model.onnx", names)
+        target = str(exp.get("onnx", {}).get("target", "any"))
+        onnx_path = export_onnx(int_model, inputs[0], out_dir / "export" / "model.onnx", names,
+                                target=target)
+        out["onnx_parity"] = gate_onnx(
+            int_model, onnx_path, inputs, float(exp.max_rel_error),
+            None if embedding else float(exp.min_top1_agreement),
+            float(exp.get("min_cosine", 0.9999)) if embedding else None,
+        )  # fmt: skip
         out["onnx"] = str(onnx_path)
-        out["onnx_parity"] = onnx_parity(int_model, onnx_path, inputs)
     return int_model, out
 
 

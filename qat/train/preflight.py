@@ -87,6 +87,7 @@ NUMBERS: dict[str, tuple[Any, str]] = {
     "export.max_rel_error": _num(0.0, open_lo=True),
     "export.min_top1_agreement": _num(0.0, 1.0),
     "export.min_cosine": _num(-1.0, 1.0),
+    "export.onnx.target": _choice("any", "vnni", "avx2"),
     "callbacks.model_checkpoint.every_n_train_steps": _either(_choice(None), _int(1)),
 }
 

@@ -10,8 +10,15 @@ from torch import nn
 
 import qat
 from qat.export.onnx import export_onnx, ort_session
-from qat.export.onnx.cpu import cpu_has_vnni, emulate_no_vnni, pair_saturated_matmul
-from qat.export.onnx.parity import onnx_parity, onnx_parity_report
+from qat.export.onnx.cpu import (
+    FAMILIES,
+    cpu_family,
+    emulate,
+    inexact_layers,
+    pair_saturated_matmul,
+)
+from qat.export.onnx.parity import gate_onnx, onnx_parity, onnx_parity_report
+from qat.export.report import ParityError
 
 from .helpers import recipe, trained
 
@@ -22,6 +29,10 @@ from onnx import TensorProto, numpy_helper  # noqa: E402
 # Aligned per-layer error where the integer arithmetic is exact: only the fp32 rescale and
 # float ops differ (measured <= 9e-7 on every model and recipe here).
 EXACT = 1e-6
+# Every parity test proves both CPU kernel families: ONNX Runtime on this machine, and the
+# other family's integer kernels emulated (the rest of the graph is the same float code).
+FAMILY = cpu_family()
+OTHER = next(f for f in FAMILIES if f != FAMILY)
 
 
 def _per_tensor_w8a8() -> qat.Recipe:
@@ -56,18 +67,24 @@ def _weight_dq(model, layer):
     return next(n for n in _nodes(model, "DequantizeLinear") if n.input[0] == f"{layer}.weight_q")
 
 
-def _assert_exact(report, full_range_u8s8=False):
-    """Integer arithmetic exact: every layer within fp32 rounding on ONNX Runtime's inputs.
+def _outputs(int_model, batches):
+    with torch.no_grad():
+        return [qat.export.parity.as_tensor(int_model(b)) for b in batches]
 
-    Full-range 8-bit weights on u8s8 kernels are exact only on CPUs with VNNI; elsewhere their
-    int16 pair sums saturate (emulated in test_seven_bit_...), so only agreement is checked.
-    """
-    if full_range_u8s8 and not cpu_has_vnni():
-        assert report.free_running.top1 >= 0.8, str(report)
-        return
+
+def _assert_exact(int_model, path, batches, target="any"):
+    """ONNX Runtime here, and the other family's kernels (emulated), compute what the
+    integer executor computes: every layer within fp32 rounding, every output the same."""
+    report = onnx_parity_report(int_model, path, [(b,) for b in batches])
     assert report.failures() == [], str(report)
     assert max(t.rel for t in report.layers) <= EXACT, str(report)
     assert report.free_running.top1 == 1.0
+    ref = _outputs(int_model, batches)
+    with emulate(int_model, OTHER, target):
+        other = _outputs(int_model, batches)
+    assert all(torch.equal(a, b) for a, b in zip(ref, other, strict=True)), OTHER
+    assert inexact_layers(int_model, target, OTHER) == []
+    return report
 
 
 def test_cnn_with_folded_bn_is_int8_qdq_and_exact(tmp_path):
@@ -77,8 +94,9 @@ def test_cnn_with_folded_bn_is_int8_qdq_and_exact(tmp_path):
     convs = [n for n, m in int_model.named_modules() if isinstance(m, qat.export.IntConv2d)]
     assert len(convs) == 6 and not any(n.endswith("bn1.weight") for n in inits)  # BN folded
     for name in [*convs, "head"]:
-        assert inits[f"{name}.weight_q"].data_type == TensorProto.INT8
         assert f"{name}.weight" not in inits
+    for name in convs:  # float Conv kernels in ONNX Runtime: plain int8 codes
+        assert inits[f"{name}.weight_q"].data_type == TensorProto.INT8
     assert _attr(_weight_dq(model, "conv1"), "axis") == 0  # per output channel
     assert _attr(_weight_dq(model, "head"), "axis") == 1  # (in, out) layout for MatMul
     assert _nodes(model, "QuantizeLinear") and not any(
@@ -86,8 +104,12 @@ def test_cnn_with_folded_bn_is_int8_qdq_and_exact(tmp_path):
     )
     codes = numpy_helper.to_array(inits["conv1.weight_q"])
     assert np.array_equal(codes, int_model.conv1.int_weight().numpy())
-    report = onnx_parity_report(int_model, path, [(b,) for b in batches])
-    _assert_exact(report, full_range_u8s8=True)  # the head runs on u8s8 kernels
+    # The head runs on the integer GEMM: its codes are stored + 128 with zero point 128.
+    assert inits["head.weight_q"].data_type == TensorProto.UINT8
+    head = numpy_helper.to_array(inits["head.weight_q"]).astype(np.int16) - 128
+    assert np.array_equal(head, int_model.head.int_weight().T.numpy())
+    assert set(numpy_helper.to_array(inits["head.weight_zero_point"]).ravel()) == {128}
+    _assert_exact(int_model, path, batches)
 
 
 @pytest.mark.parametrize("rec", ["w8a8", "w7a8", "w4g32_a8dyn", "w4g32", "w8"])
@@ -101,28 +123,32 @@ def test_gpt_recipes_pass_the_gate(tmp_path, rec):
         assert init.data_type == TensorProto.INT4
         assert (_attr(dq, "axis"), _attr(dq, "block_size")) == (0, 32)
         assert list(init.dims) == [64, 64] and len(init.raw_data) == 64 * 64 // 2
-    else:
+        shift = 0
+    elif rec == "w8":  # weight-only: dequantized to a float MatMul, plain int8
         assert init.data_type == TensorProto.INT8 and _attr(dq, "axis") == 1
-    got = numpy_helper.to_array(init).astype(np.int16)
+        shift = 0
+    else:  # the integer GEMM: uint8 codes + 128, exact on every CPU
+        assert init.data_type == TensorProto.UINT8 and _attr(dq, "axis") == 1
+        shift = 128
+    got = numpy_helper.to_array(init).astype(np.int16) - shift
     assert np.array_equal(got, q_proj.int_weight().T.numpy())
     dynamic = "dyn" in rec
     assert bool(_nodes(model, "ReduceMin")) == dynamic
     if dynamic:  # per-token blocked QuantizeLinear: one block per token
         assert _attr(_nodes(model, "QuantizeLinear")[0], "block_size") == 64
-    report = onnx_parity_report(int_model, path, [(b,) for b in batches])
-    _assert_exact(report, full_range_u8s8=rec == "w8a8")
+    _assert_exact(int_model, path, batches)
 
 
 def test_per_tensor_weights_are_exact(tmp_path):
     int_model, batches, model, path = _export("gpt", "w8a8_per_tensor", tmp_path)
     assert _attr(_weight_dq(model, "blocks.0.mlp.up_proj"), "axis") is None
-    report = onnx_parity_report(int_model, path, [(b,) for b in batches])
-    _assert_exact(report, full_range_u8s8=True)  # without VNNI these saturate too (emulated)
+    _assert_exact(int_model, path, batches)
 
 
 def test_onnx_parity_dict(tmp_path):
     int_model, batches, _, path = _export("gpt", "w7a8", tmp_path)
     result = onnx_parity(int_model, path, [(b,) for b in batches])
+    assert result == {**result, "failures": []}
     assert result["failures"] == [] and result["top1"] == 1.0
     assert result["aligned"]["rel"] <= EXACT and 0 < result["exact_share"] <= 1
     assert {"max_abs", "rel", "min_cosine", "report"} <= set(result)
@@ -136,17 +162,53 @@ def test_hf_bert_and_dynamic_shapes(tmp_path):
     got = session.run(None, {"input_ids": other.numpy()})[0]
     want = int_model(other).last_hidden_state.detach().numpy()
     assert got.shape == (3, 9, 32) and np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
-    report = onnx_parity_report(int_model, path, [(b,) for b in batches])
-    _assert_exact(report, full_range_u8s8=True)
+    _assert_exact(int_model, path, batches)
 
 
-def test_reduce_range_refuses_full_range_weights_and_writes_nothing(tmp_path):
+def test_target_avx2_refuses_full_range_weights_and_writes_nothing(tmp_path):
     int_model, batches = _converted("gpt", "w8a8")
-    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.q_proj: weight codes span \[-1"):
-        export_onnx(int_model, (batches[0],), tmp_path / "m.onnx", reduce_range=True)
+    with pytest.raises(ValueError, match=r"target=avx2 needs int8 weight codes within \[-64, "
+                       r"64\].*blocks\.0\.attn\.q_proj \(weight codes \[-1\d\d, 1\d\d\]\)"
+                       r".*recipe=w7a8.*target=any"):
+        export_onnx(int_model, (batches[0],), tmp_path / "m.onnx", target="avx2")
     assert list(tmp_path.iterdir()) == []
-    int_model, _, model, _ = _export("gpt", "w7a8", tmp_path, reduce_range=True)
-    assert model.graph.initializer  # 7-bit weights pass the check
+    int_model, batches, model, path = _export("gpt", "w7a8", tmp_path, target="avx2")
+    init = next(t for t in model.graph.initializer if t.name == "blocks.0.attn.q_proj.weight_q")
+    assert init.data_type == TensorProto.INT8  # 7-bit weights pass, on the u8s8 kernels
+    _assert_exact(int_model, path, batches, target="avx2")
+
+
+def test_emulation_matches_onnx_runtime_on_this_cpu(tmp_path):
+    """int8 weights (target vnni) of a full-range w8a8 model: ONNX Runtime here computes what
+    the emulation of this family computes, and the two families differ."""
+    int_model, batches, _, path = _export("gpt", "w8a8", tmp_path, target="vnni")
+    got = torch.from_numpy(ort_session(path).run(None, {"input_0": batches[0].numpy()})[0])
+    exact = _outputs(int_model, batches[:1])[0]
+    emulated = {}
+    for family in FAMILIES:
+        with emulate(int_model, family, "vnni") as n:
+            emulated[family] = (n, _outputs(int_model, batches[:1])[0])
+    assert emulated["vnni"] == (0, emulated["vnni"][1]) and torch.equal(emulated["vnni"][1], exact)
+    assert emulated["avx2"][0] == 15 and (emulated["avx2"][1] - exact).abs().max() > 1e-2
+    scale = exact.abs().max()
+    assert (got - emulated[FAMILY][1]).abs().max() <= 1e-6 * scale, FAMILY
+    assert (got - emulated[OTHER][1]).abs().max() > 1e-2 * scale, OTHER
+
+
+def test_export_gate_refuses_a_file_this_cpu_would_not_compute_exactly(tmp_path):
+    int_model, batches, _, path = _export("gpt", "w8a8", tmp_path, target="vnni")
+    if FAMILY == "avx2":
+        with pytest.raises(ParityError, match=r"target=vnni stores int8 weights, and ONNX "
+                           r"Runtime on this CPU \(avx2 .*\) does not compute blocks\.0\.attn"
+                           r"\.q_proj \(weight codes .*\) exactly; export with "
+                           r"export\.onnx\.target=any"):
+            gate_onnx(int_model, path, [(b,) for b in batches])
+        assert not path.exists()
+    else:
+        assert gate_onnx(int_model, path, [(b,) for b in batches])["exact_on"] == ["vnni"]
+    int_model, batches, _, path = _export("gpt", "w8a8", tmp_path)  # target any
+    result = gate_onnx(int_model, path, [(b,) for b in batches])
+    assert result["exact_on"] == ["vnni", "avx2"] and result["family"] == FAMILY
 
 
 def test_seven_bit_weights_never_saturate_int16_pair_sums():
@@ -161,7 +223,7 @@ def test_seven_bit_weights_never_saturate_int16_pair_sums():
         int_model, batches = _converted("gpt", rec)
         with torch.no_grad():
             ref = int_model(batches[0])
-            with emulate_no_vnni(int_model) as n:
+            with emulate(int_model, "avx2", target="vnni") as n:
                 results[rec] = (n, (int_model(batches[0]) - ref).abs().max().item())
     assert results["w7a8"] == (15, 0.0)  # every Linear, bit-identical
     assert results["w8a8"][1] > 1e-3  # full range: a CPU without VNNI would be off
@@ -196,9 +258,8 @@ def test_odd_layers_embedding_groups_conv_padding_narrow_and_4bit_grids(tmp_path
     model_proto = onnx.load(path)
     onnx.checker.check_model(model_proto, full_check=True)
     assert {n.op_type for n in model_proto.graph.node} >= {"Pad", "Clip", "Conv", "Gather"}
-    report = onnx_parity_report(int_model, path, [(b,) for b in batches])
+    report = _assert_exact(int_model, path, batches)
     assert [t.calls for t in report.layers] == [3, 3, 6]  # fc's two calls told apart
-    assert report.failures() == [], str(report)
 
 
 def test_refuses_a_fake_quant_model_and_needs_onnx(tmp_path, monkeypatch):

@@ -1,14 +1,27 @@
-"""What ONNX Runtime's u8s8 integer kernels compute on x86 CPUs without VNNI, emulated.
+"""CPU kernel families, the ONNX target a file is written for, and how each layer runs there.
 
-MLAS's AVX2 (and AVX-512 without VNNI) u8s8 GEMM multiplies uint8 activation codes by int8
-weight codes with `vpmaddubsw`, which adds each pair of neighbouring products (k = 2j, 2j+1)
-into an int16 with saturation, then widens to int32. A pair saturates once
-`|a0*w0 + a1*w1| > 32767`, possible with full-range 8-bit weights (255 * 127 * 2 = 64770) and
-impossible when every weight code lies in [-64, 64] (255 * 128 = 32640): 7-bit weights.
-With VNNI (`vpdpbusd`) the products are summed in int32 and nothing saturates.
+ONNX Runtime runs a Linear with a static 8-bit input on its integer GEMM (MatMulIntegerToFloat,
+MLAS). On x86 that GEMM comes in two families that differ for int8 weights:
 
-`emulate_no_vnni(int_model)` makes the integer executor's Linear layers compute that way, to
-measure on any CPU what full-range weights would cost on one without VNNI.
+- `vnni` (AVX512-VNNI or AVX-VNNI; also every non-x86 CPU): uint8 x int8 products are summed
+  in int32 (`vpdpbusd`): exact.
+- `avx2` (AVX2 or AVX-512 without VNNI): `vpmaddubsw` adds each pair of neighbouring products
+  (k = 2j, 2j+1) into an int16 with saturation, so full-range int8 weights can be off
+  (255 * 127 * 2 = 64770 > 32767); codes within [-64, 64] never are (255 * 128 = 32640).
+
+uint8 x uint8 products go through another kernel (widened to int16, `vpmaddwd` into int32) that
+is exact on both. So the file's `target` picks the weight encoding of integer-GEMM layers:
+
+- `any` (default): symmetric weights stored as uint8 with zero point 128 (the codes + 128, the
+  same numbers): u8u8 kernels, exact on every CPU;
+- `vnni`: int8 weights (u8s8, the fastest kernels on VNNI CPUs); exact on `vnni` CPUs, and on
+  `avx2` ones only where every weight code lies in [-64, 64];
+- `avx2`: int8 weights that must lie in [-64, 64] (7-bit weights: `configs/recipe/w7a8.yaml`),
+  refused otherwise: exact everywhere, and u8s8 is faster than u8u8 without VNNI.
+
+`emulate(int_model, family, target)` makes the integer executor compute what that family's
+kernels compute for that target, so a test on one CPU proves the other family too: the rest of
+the graph is the same binary's float code on both.
 """
 
 from __future__ import annotations
@@ -21,22 +34,100 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qat.export.int_base import IntLayer
 from qat.export.int_layers import IntLinear
 
+FAMILIES = ("vnni", "avx2")
+TARGETS = ("any", "vnni", "avx2")
+SAFE_CODE = 64  # 255 * (64 + 64) = 32640 <= 32767: a pair of u8 x s8 products fits int16
 INT16_MIN, INT16_MAX = -32768, 32767
+_NAMES = {
+    "vnni": "int32 dot products (x86 with VNNI, or not x86): exact at 8 bits",
+    "avx2": "x86 without VNNI: u8s8 kernels add product pairs in int16 and saturate",
+}
 
 
-def cpu_has_vnni() -> bool:
-    """Whether ONNX Runtime's u8s8 kernels are exact at 8 bits on this CPU: x86 with
-    AVX512-VNNI or AVX-VNNI (read from /proc/cpuinfo), or not x86 at all (no `vpmaddubsw`).
-    False when it cannot tell."""
-    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
-        return True
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
+def cpu_family(cpuinfo: str | None = None) -> str:
+    """This machine's family (`vnni` or `avx2`), from /proc/cpuinfo's flags on x86.
+
+    Example:
+        >>> cpu_family("flags : fpu sse2 avx2 avx512f"), cpu_family("flags : avx2 avx_vnni")
+        ('avx2', 'vnni')
+    """
+    if cpuinfo is None:
+        if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+            return "vnni"  # no vpmaddubsw: ARM's dot products widen
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return "avx2"  # cannot tell: assume the family that can saturate
+    flags = set(cpuinfo.split())
+    return "vnni" if flags & {"avx512_vnni", "avx_vnni"} else "avx2"
+
+
+def describe(family: str) -> str:
+    return f"{family} ({_NAMES[family]})"
+
+
+def check_target(target: str) -> str:
+    if target not in TARGETS:
+        raise ValueError(f"export.onnx.target: got {target!r}; allowed: {', '.join(TARGETS)} "
+                         "(any: exact on every CPU; vnni: int8 weights for VNNI CPUs; avx2: "
+                         "int8 weights within [-64, 64], exact everywhere)")
+    return target
+
+
+def integer_gemm(layer: nn.Module) -> bool:
+    """Whether ONNX Runtime runs `layer` on its integer GEMM: a Linear whose input has a
+    static per-tensor 8-bit grid and whose weight is per tensor or per channel (int4 groups
+    and dynamic per-token inputs dequantize and run the float MatMul)."""
+    if not isinstance(layer, IntLinear) or layer.weight_spec is None or layer.input_spec is None:
         return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
+    ws, xs = layer.weight_spec, layer.input_spec
+    return ws.granularity != "per_group" and not xs.dynamic and xs.granularity == "per_tensor"
+
+
+def shifted_weights(layer: nn.Module, target: str) -> bool:
+    """Whether the file stores this layer's symmetric codes as uint8 + 128 (target `any`)."""
+    return target == "any" and integer_gemm(layer) and layer.weight_spec.symmetric
+
+
+def u8s8(layer: nn.Module, target: str) -> bool:
+    """Whether this layer runs on the u8s8 kernels (int8 weights) in a file for `target`."""
+    return integer_gemm(layer) and layer.weight_spec.symmetric and target != "any"
+
+
+def _span(layer: IntLayer) -> tuple[int, int]:
+    codes = layer.int_weight()
+    return int(codes.min()), int(codes.max())
+
+
+def inexact_layers(int_model: nn.Module, target: str, family: str) -> list[str]:
+    """Layers whose integer GEMM `family` does not compute exactly in a file for `target`."""
+    if family == "vnni":
+        return []
+    out = []
+    for name, m in int_model.named_modules():
+        if u8s8(m, target):
+            lo, hi = _span(m)
+            if lo < -SAFE_CODE or hi > SAFE_CODE:
+                out.append(f"{name} (weight codes [{lo}, {hi}])")
+    return out
+
+
+def check_weights_for(int_model: nn.Module, target: str) -> None:
+    """A file for `avx2` must be exact on that family: refuse weights outside [-64, 64]."""
+    check_target(target)
+    if target != "avx2":
+        return
+    bad = inexact_layers(int_model, target, "avx2")
+    if bad:
+        raise ValueError(
+            f"export.onnx.target=avx2 needs int8 weight codes within [-{SAFE_CODE}, {SAFE_CODE}] "
+            f"(CPUs without VNNI add product pairs in int16), but {bad[0]} is outside"
+            f"{f' (and {len(bad) - 1} more layers)' if len(bad) > 1 else ''}: train with 7-bit "
+            "weights (recipe=w7a8) or export with export.onnx.target=any (exact everywhere)"
+        )
 
 
 def pair_saturated_matmul(a: torch.Tensor, w: torch.Tensor, chunk: int = 64) -> torch.Tensor:
@@ -60,20 +151,12 @@ def pair_saturated_matmul(a: torch.Tensor, w: torch.Tensor, chunk: int = 64) -> 
     return torch.cat(out) if out else torch.zeros(0, w.shape[1], dtype=torch.int64)
 
 
-def runs_on_u8s8(layer: nn.Module) -> bool:
-    """Whether ONNX Runtime runs `layer` on its u8s8 kernels (MatMulIntegerToFloat): a Linear
-    with a static per-tensor uint8 input and a symmetric per-tensor/per-channel 8-bit weight."""
-    if not isinstance(layer, IntLinear) or layer.weight_spec is None or layer.input_spec is None:
-        return False
-    ws, xs = layer.weight_spec, layer.input_spec
-    return (
-        ws.symmetric and ws.bits > 4 and ws.granularity != "per_group"
-        and not xs.symmetric and not xs.dynamic and xs.bits == 8
-    )  # fmt: skip
-
-
-def _emulated_forward(layer: IntLinear, x: torch.Tensor) -> torch.Tensor:
+def _avx2_forward(layer: IntLinear, x: torch.Tensor) -> torch.Tensor:
+    """The u8s8 GEMM without VNNI. Signed 8-bit activations arrive as uint8 (ONNX Runtime
+    shifts them by 128, zero point included), so the products are always u8 x s8."""
     q, s_x, z_x = layer.quantize_act("input", x)
+    if layer.input_spec.symmetric:
+        q, z_x = q + 128, z_x + 128
     lead = x.shape[:-1]
     w = layer.int_weight().T  # (K, N) int8 codes
     a = q.reshape(-1, x.shape[-1])  # uint8 codes, zero point included
@@ -84,12 +167,29 @@ def _emulated_forward(layer: IntLinear, x: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def emulate_no_vnni(int_model: nn.Module) -> Iterator[int]:
-    """Within the block, every u8s8 Linear of `int_model` saturates pair sums like a CPU
-    without VNNI; yields how many layers are affected."""
-    layers = [m for m in int_model.modules() if runs_on_u8s8(m)]
+def emulate(int_model: nn.Module, family: str, target: str = "any") -> Iterator[int]:
+    """Within the block, `int_model`'s integer GEMMs compute what `family`'s kernels compute
+    in a file for `target`; yields how many layers compute differently from the executor's
+    exact arithmetic (only u8s8 layers on `avx2`).
+
+    Example:
+        >>> from qat.quant import QuantSpec
+        >>> lin = IntLinear(2, 1, bias=False, weight_spec=QuantSpec(bits=8),
+        ...                 input_spec=QuantSpec(bits=8, symmetric=False))
+        >>> lin.weight_codes.fill_(127)
+        tensor([[127, 127]], dtype=torch.int8)
+        >>> with emulate(lin, "avx2", target="vnni") as n:
+        ...     n, lin(torch.tensor([[255.0, 255.0]])).item()  # scales 1: 64770 saturates
+        (1, 32767.0)
+        >>> with emulate(lin, "avx2", target="any") as n:  # uint8 + 128 weights: exact
+        ...     n, lin(torch.tensor([[255.0, 255.0]])).item()
+        (0, 64770.0)
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"family: got {family!r}; allowed: {', '.join(FAMILIES)}")
+    layers = [] if family == "vnni" else [m for m in int_model.modules() if u8s8(m, target)]
     for m in layers:
-        m._integer_forward = _emulated_forward.__get__(m)
+        m._integer_forward = _avx2_forward.__get__(m)
     try:
         yield len(layers)
     finally:

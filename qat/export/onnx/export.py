@@ -20,11 +20,8 @@ so its codes are the executor's codes for the same fp32 input. Two things to kno
 - MatMulNBits defaults to `accuracy_level=4` (it re-quantizes activations to int8 per block:
   ~0.5% error). `ort_session` sets `session.qdq_matmulnbits_accuracy_level=0`; do the same in
   your own sessions for int4 models.
-- On x86 CPUs without VNNI, ONNX Runtime's u8s8 kernels add pairs of uint8 x int8 products in
-  int16 (`vpmaddubsw`) and saturate once two products exceed 32767 together. Weights whose
-  codes stay within [-64, 64] (7-bit: `configs/recipe/w7a8.yaml`) never saturate, and
-  `export_onnx(..., reduce_range=True)` refuses any integer-kernel weight outside that range.
-  CPUs with VNNI (AVX512-VNNI, AVX-VNNI) accumulate in int32 and are exact at 8 bits too.
+- The integer GEMM differs between x86 CPUs with and without VNNI for int8 weights; `target`
+  picks the weight encoding (`any`, the default, is exact on every CPU: see `cpu`).
 """
 
 from __future__ import annotations
@@ -42,12 +39,13 @@ import torch
 from torch import nn
 
 from qat.export.int_base import IntLayer
+from qat.export.onnx import cpu
 from qat.export.onnx import graph as onnx_graph
 from qat.export.onnx.layers import STATE, OnnxLayer
 from qat.quant.modules import QATMixin
 
 OPSET = 21
-SAFE_CODE = 64  # 255 * (64 + 64) = 32640 <= 32767: a pair of u8 x s8 products fits int16
+TARGET_KEY = "qat.target"
 
 
 def require_onnx() -> tuple[Any, Any]:
@@ -86,26 +84,6 @@ def ort_session(
     elif not isinstance(model, bytes):
         model = str(model)
     return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
-
-
-def check_reduce_range(int_model: nn.Module) -> None:
-    """Raise `ValueError` if a layer that runs on u8s8 integer kernels has weight codes outside
-    [-64, 64] (they can saturate int16 pair sums on x86 CPUs without VNNI)."""
-    for name, mod in int_model.named_modules():
-        ws = getattr(mod, "weight_spec", None)
-        if not isinstance(mod, IntLayer) or ws is None or mod.input_spec is None:
-            continue
-        if not ws.symmetric:
-            continue  # uint8 weights run on u8u8 kernels, which widen to int16 first
-        codes = mod.int_weight()
-        lo, hi = int(codes.min()), int(codes.max())
-        if lo < -SAFE_CODE or hi > SAFE_CODE:
-            raise ValueError(
-                f"{name}: weight codes span [{lo}, {hi}]; with reduce_range=True every weight "
-                f"that meets a quantized input must lie in [-{SAFE_CODE}, {SAFE_CODE}] so ONNX "
-                "Runtime's int8 kernels on CPUs without VNNI cannot saturate. Train with 7-bit "
-                "weights (configs/recipe/w7a8.yaml) or export with reduce_range=False"
-            )
 
 
 def _flat_outputs(out: Any) -> list[tuple[str, torch.Tensor]]:
@@ -150,7 +128,7 @@ class _Positional(nn.Module):
 
 
 @contextlib.contextmanager
-def _swapped(root: _Positional) -> Iterator[dict[str, OnnxLayer]]:
+def _swapped(root: _Positional, target: str) -> Iterator[dict[str, OnnxLayer]]:
     """Every `IntLayer` under `root` replaced by its `OnnxLayer`, at every path that holds it
     (a layer shared by two parents is one layer); restored afterwards. Names are relative to
     the integer model (the root's child)."""
@@ -159,7 +137,8 @@ def _swapped(root: _Positional) -> Iterator[dict[str, OnnxLayer]]:
     wrappers: dict[int, OnnxLayer] = {}
     for path, m in paths:
         if id(m) not in wrappers:
-            wrappers[id(m)] = OnnxLayer(m, path.removeprefix(ROOT).removeprefix("."))
+            name = path.removeprefix(ROOT).removeprefix(".")
+            wrappers[id(m)] = OnnxLayer(m, name, cpu.shifted_weights(m, target))
     STATE.layers = {w.name: w for w in wrappers.values()}
     STATE.calls = {}
 
@@ -198,18 +177,19 @@ def export_onnx(
     path: str | Path,
     input_names: list[str] | None = None,
     dynamic_axes: bool | dict[str, dict[int, str]] = True,
-    reduce_range: bool = False,
+    target: str = "any",
 ) -> Path:
     """Write `int_model` (from `qat.convert`) to `path` as a QDQ ONNX model; return the path.
 
     `example_inputs` are traced once (`int_model(*example_inputs)`); `input_names` default to
     `input_0, ...`. `dynamic_axes=True` makes dim 0 (batch) of every input and output dynamic,
     and dim 1 of 2-D integer inputs (token ids, masks) and of outputs with 3+ dims; a dict
-    gives the axes explicitly. `reduce_range=True` first checks that no integer-kernel weight
-    can saturate on CPUs without VNNI (`check_reduce_range`). The file is written to a temp
-    file and renamed, and passes `onnx.checker.check_model`. Its metadata holds `qat.taps`
-    (where each layer's quantizer inputs and output are, for the parity gate),
-    `qat.input_names` and `qat.reduce_range`. Gate it with
+    gives the axes explicitly. `target` (`any`, `vnni`, `avx2`: see `qat.export.onnx.cpu`)
+    picks the weight encoding of integer-GEMM layers; `any` is exact on every CPU, `avx2`
+    refuses weights that CPUs without VNNI would not compute exactly. The file is written to a
+    temp file and renamed, and passes `onnx.checker.check_model`. Its metadata holds
+    `qat.taps` (where each layer's quantizer inputs and output are, for the parity gate),
+    `qat.input_names` and `qat.target`. Gate it with
     `qat.export.onnx.parity.onnx_parity_report(int_model, path, batches).check()`.
 
     Example:
@@ -229,8 +209,7 @@ def export_onnx(
             "export_onnx takes the integer model: call qat.convert(model) on the trained "
             "fake-quant model first"
         )
-    if reduce_range:
-        check_reduce_range(int_model)
+    cpu.check_weights_for(int_model, target)
     inputs = (example_inputs,) if torch.is_tensor(example_inputs) else tuple(example_inputs)
     names = list(input_names or [f"input_{i}" for i in range(len(inputs))])
     was_training = int_model.training
@@ -243,7 +222,7 @@ def export_onnx(
             axes = _axes(inputs, outputs, names, out_names)
         buf = io.BytesIO()
         root = _Positional(int_model)
-        with _swapped(root) as wrappers, warnings.catch_warnings():
+        with _swapped(root, target) as wrappers, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # legacy-exporter and opset-21 notices
             torch.onnx.export(
                 root, inputs, buf, dynamo=False, opset_version=OPSET,
@@ -262,7 +241,7 @@ def export_onnx(
     taps = {key: merged.get(name, name) for key, name in taps.items()}
     onnx_graph.to_int4(model, int4)
     onnx_graph.set_metadata(model, {onnx_graph.TAPS_KEY: taps, onnx_graph.INPUTS_KEY: names,
-                                    "qat.reduce_range": reduce_range})  # fmt: skip
+                                    TARGET_KEY: target})  # fmt: skip
     onnx.checker.check_model(model, full_check=True)
     path = Path(path)
     _atomic_save(model, path)

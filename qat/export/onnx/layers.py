@@ -57,6 +57,9 @@ def _act_tensors(layer: IntLayer, role: str) -> dict[str, torch.Tensor]:
 class OnnxLayer(nn.Module):
     """Stands in for `IntLayer` `layer` (module path `name`) while exporting to ONNX.
 
+    `shift` stores symmetric weight codes as uint8 with zero point 128 (the same numbers, on
+    ONNX Runtime's u8u8 kernels, which are exact on every CPU: see `cpu`).
+
     Example:
         >>> from qat.export import IntLinear
         >>> lin = IntLinear(4, 2, weight_spec=QuantSpec(bits=8, granularity="per_channel"))
@@ -65,9 +68,9 @@ class OnnxLayer(nn.Module):
         (torch.Size([4, 2]), torch.int8, 1)
     """
 
-    def __init__(self, layer: IntLayer, name: str) -> None:
+    def __init__(self, layer: IntLayer, name: str, shift: bool = False) -> None:
         super().__init__()
-        self.layer, self.name = layer, name
+        self.layer, self.name, self.shift = layer, name, shift
         ws = layer.weight_spec
         self.axis: int | None = None
         self.block: int | None = None
@@ -103,8 +106,11 @@ class OnnxLayer(nn.Module):
             codes = codes.t()  # MatMul's (in, out) layout
             s, z = (s.t(), z.t()) if s.ndim == 2 else (s, z)
             self.axis = None if self.axis is None else 1 - self.axis
+        if self.shift:  # q + 128 with zero point 128: (q + 128) - 128 = q
+            codes = (codes.to(torch.int16) + 128).to(torch.uint8)
+            z = torch.full_like(z, 128)
         out = {"weight_q": codes.contiguous(), "weight_scale": s.contiguous()}
-        if not ws.symmetric:
+        if not ws.symmetric or self.shift:
             out["weight_zero_point"] = z.contiguous()
         return out
 

@@ -31,10 +31,11 @@ import torch
 from torch import nn
 
 from qat.export.int_base import IntLayer
+from qat.export.onnx import cpu
 from qat.export.onnx import graph as onnx_graph
-from qat.export.onnx.export import ort_session, require_onnx
+from qat.export.onnx.export import TARGET_KEY, ort_session, require_onnx
 from qat.export.parity import _Aligner, as_tensor
-from qat.export.report import ParityReport, TensorParity
+from qat.export.report import ParityError, ParityReport, TensorParity
 
 
 @dataclass
@@ -201,16 +202,50 @@ def onnx_parity(
         >>> result["top1"], result["failures"]
         (1.0, [])
     """
-    report = onnx_parity_report(int_model, path, batches, tie_tolerance, threads)
+    return summary(onnx_parity_report(int_model, path, batches, tie_tolerance, threads))
+
+
+def summary(report: OnnxParityReport) -> dict[str, Any]:
+    """`onnx_parity`'s JSON-ready dict of a report."""
     free, aligned = report.free_running, report.output
 
-    def summary(t: TensorParity) -> dict[str, Any]:
+    def errors(t: TensorParity) -> dict[str, Any]:
         return {"max_abs": t.max_abs, "rel": t.rel, "top1": t.top1, "min_cosine": t.min_cosine}
 
     return {
-        **summary(free),
+        **errors(free),
         "exact_share": report.exact_share,
-        "aligned": {**summary(aligned), "ties": report.aligned},
+        "aligned": {**errors(aligned), "ties": report.aligned},
         "failures": report.failures(),
         "report": report.to_dict(),
     }
+
+
+def gate_onnx(
+    int_model: nn.Module,
+    path: str | Path,
+    batches: list[tuple[torch.Tensor, ...]],
+    max_rel_error: float = 1e-4,
+    min_top1_agreement: float | None = 1.0,
+    min_cosine: float | None = None,
+) -> dict[str, Any]:
+    """The export gate for an ONNX file: ONNX Runtime on this CPU must compute what the
+    integer executor computes. On failure the file is removed and `ParityError` names the
+    layer and the fix; on success returns `onnx_parity`'s dict plus `target`, this CPU's
+    `family` and `exact_on` (the kernel families that are exact for the file's target).
+    """
+    onnx, _ = require_onnx()
+    target = onnx_graph.metadata(onnx.load(str(path)), TARGET_KEY) or "any"
+    family = cpu.cpu_family()
+    report = onnx_parity_report(int_model, path, batches)
+    failures = report.failures(max_rel_error, min_top1_agreement, min_cosine)
+    if failures:
+        Path(path).unlink(missing_ok=True)
+        cause = cpu.inexact_layers(int_model, target, family)
+        why = (f"export.onnx.target={target} stores int8 weights, and ONNX Runtime on this CPU "
+               f"({cpu.describe(family)}) does not compute {cause[0]} exactly; export with "
+               "export.onnx.target=any (exact on every CPU), or train 7-bit weights "
+               "(recipe=w7a8) for target avx2" if cause else "; ".join(failures[:3]))
+        raise ParityError(f"ONNX parity gate failed for {path}: {why}")
+    exact_on = [f for f in cpu.FAMILIES if not cpu.inexact_layers(int_model, target, f)]
+    return {**summary(report), "target": target, "family": family, "exact_on": exact_on}
