@@ -1,19 +1,25 @@
-"""ONNX Runtime CPU latency: the fp32 ONNX export of a model against its int8 QDQ export
-(`qat.export.onnx.export_onnx`), for the CNN, the GPT (small, block 128) and MiniLM, at batch 1
-and 32. Runs are interleaved (fp32, int8, fp32, ...) in one process; the table shows each
-median and the median of the per-pair ratios fp32 / int8 (> 1: int8 is faster).
+"""CPU latency of int8 deployment against fp32, beside what a user would run instead: the
+fp32 ONNX export under ONNX Runtime, this project's int8 QDQ export (`export_onnx`, target
+`any`), ONNX Runtime's own dynamic quantization of the fp32 file
+(`onnxruntime.quantization.quantize_dynamic`) and torch's CPU int8 path
+(`torch.ao.quantization.quantize_dynamic` on the Linears, run in PyTorch), for the digits CNN
+(1x8x8), the same ResNet at 3x32x32, the GPT (small, block 128) and MiniLM, at batch 1 and 32.
+Runs are interleaved in one process; the table shows each median and the median of the
+per-run ratios fp32 / method (> 1: faster than fp32).
 
     .venv/bin/python benchmarks/onnx_speed.py [--recipe w8a8] [--repeats 20] [--threads 2]
     .venv/bin/python benchmarks/onnx_speed.py --parity   # exactness: ORT vs the executor
 
-The int8 models are calibrated (not trained) on real text for MiniLM (Shakespeare sentences)
-and random inputs otherwise: speed does not depend on the weights' values.
+Accuracy of the same methods on trained models and real data: `benchmarks/deploy_accuracy.py`.
+The int8 models here are calibrated (not trained) on real text for MiniLM (Shakespeare
+sentences) and random inputs otherwise: speed does not depend on the weights' values.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import logging
 import platform
 import statistics
 import tempfile
@@ -21,6 +27,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,6 +35,7 @@ from torch import nn
 
 import qat
 from qat.export.onnx import export_onnx, ort_session
+from qat.export.onnx.cpu import cpu_family, describe
 from qat.models.registry import build_model
 
 RECIPES = Path(__file__).resolve().parents[1] / "configs" / "recipe"
@@ -59,6 +67,8 @@ def cases(seq_gpt: int, seq_minilm: int) -> dict[str, tuple[Callable[[], nn.Modu
     return {
         "cnn": (lambda: build_model("cnn"),
                 lambda b, g: (torch.randn(b, 1, 8, 8, generator=g),)),
+        "cnn32": (lambda: build_model("cnn", in_channels=3, widths=[64, 128]),
+                  lambda b, g: (torch.randn(b, 3, 32, 32, generator=g),)),
         "gpt": (lambda: build_model("gpt", preset="small", vocab_size=67, block_size=128),
                 lambda b, g: (torch.randint(0, 67, (b, seq_gpt), generator=g),)),
         "minilm": (lambda: build_model("minilm"), minilm_inputs),
@@ -74,6 +84,37 @@ def fp32_onnx(model: nn.Module, inputs: Inputs, names: list[str]) -> bytes:
         torch.onnx.export(model, inputs, buf, dynamo=False, opset_version=21, input_names=names,
                           dynamic_axes=axes, do_constant_folding=True)  # fmt: skip
     return buf.getvalue()
+
+
+def ort_dynamic(fp32: bytes) -> bytes:
+    """ONNX Runtime's own dynamic int8 quantization of the fp32 file (its defaults)."""
+    from onnxruntime.quantization import quantize_dynamic
+
+    d = Path(tempfile.mkdtemp())
+    (d / "fp32.onnx").write_bytes(fp32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_dynamic(d / "fp32.onnx", d / "dyn.onnx")
+    return (d / "dyn.onnx").read_bytes()
+
+
+def torch_dynamic(model: nn.Module) -> nn.Module:
+    """torch's CPU int8 path: dynamic int8 Linears (fbgemm/x86 kernels), the rest fp32."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(model.eval(), {nn.Linear},
+                                                      dtype=torch.qint8)
+
+
+class TorchRunner:
+    """`.run(None, feeds)` like an ONNX Runtime session, for a torch module."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        self.model, self.names = model, names
+
+    @torch.no_grad()
+    def run(self, _outputs: Any, feeds: dict[str, np.ndarray]) -> Any:
+        return self.model(*[torch.from_numpy(feeds[n]) for n in self.names])
 
 
 def int8_onnx(
@@ -130,7 +171,7 @@ def parity_rows(name: str, build: Callable, make: Callable, names: list[str], g)
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     ap.add_argument("--recipe", default="w8a8", help="configs/recipe/<name>.yaml for int8")
-    ap.add_argument("--models", default="cnn,gpt,minilm")
+    ap.add_argument("--models", default="cnn,cnn32,gpt,minilm")
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
@@ -157,31 +198,42 @@ def main() -> None:
             names = ["input_ids", "attention_mask"] if name == "minilm" else ["input"]
             parity_rows(name, *table[name], names, g)
         return
-    print(f"recipe {args.recipe}, {args.repeats} interleaved runs; QDQ-float: the same QDQ model "
-          "with integer_kernels=False (session.disable_quant_qdq)\n")  # fmt: skip
-    print("| model | batch | input | fp32 ms | int8 QDQ ms | speed-up | QDQ-float ms | speed-up |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"recipe {args.recipe} for qat int8 (calibrated, target any); {args.repeats} "
+          f"interleaved runs; CPU kernel family: {describe(cpu_family())}\n")
+    print("| model | batch | input | fp32 ms | qat int8 ms | speed-up | ORT dynamic ms | speed-up"
+          " | torch fp32 ms | torch dynamic ms | speed-up (vs torch fp32) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    logging.getLogger().setLevel(logging.ERROR)  # quantize_dynamic's pre-processing advice
+    torch.set_num_threads(args.threads)
     for name in models:
         build, make = table[name]
         names = ["input_ids", "attention_mask"] if name == "minilm" else ["input"]
         calib = [make(8, g) for _ in range(4)]
+        # Idle ONNX Runtime threads stop spinning: they would steal the cores from torch's runs.
+        quiet = {"session.intra_op.allow_spinning": "0"}
         with torch.no_grad():
             qdq, _ = int8_onnx(build().eval(), args.recipe, calib, names)
+            fp32 = fp32_onnx(build().eval(), calib[0], names)
             sessions = [
-                ort_session(fp32_onnx(build().eval(), calib[0], names), args.threads),
-                ort_session(qdq, args.threads),
-                ort_session(qdq, args.threads, integer_kernels=False),
+                ort_session(fp32, args.threads, config=quiet),
+                ort_session(qdq, args.threads, config=quiet),
+                ort_session(ort_dynamic(fp32), args.threads, config=quiet),
+                TorchRunner(build().eval(), names),
+                TorchRunner(torch_dynamic(build()), names),
             ]
         for batch in (int(b) for b in args.batches.split(",")):
             x = make(batch, g)
             feeds = {n: t.numpy() for n, t in zip(names, x, strict=True)}
-            t_fp, t_q, t_f = interleaved(sessions, feeds, args.repeats)
-            r_q = statistics.median(a / b for a, b in zip(t_fp, t_q, strict=True))
-            r_f = statistics.median(a / b for a, b in zip(t_fp, t_f, strict=True))
+            times = interleaved(sessions, feeds, args.repeats)
+            cells = []
+            for ref, t in ((0, 1), (0, 2), (3, 4)):
+                ratio = statistics.median(
+                    a / b for a, b in zip(times[ref], times[t], strict=True))
+                cells += [f"{1e3 * np.median(times[t]):.2f}", f"{ratio:.2f}x"]
+            cells.insert(4, f"{1e3 * np.median(times[3]):.2f}")
             shape = "x".join(str(d) for d in x[0].shape)
-            print(f"| {name} | {batch} | {shape} | {1e3 * np.median(t_fp):.2f} | "
-                  f"{1e3 * np.median(t_q):.2f} | {r_q:.2f}x | {1e3 * np.median(t_f):.2f} | "
-                  f"{r_f:.2f}x |", flush=True)  # fmt: skip
+            print(f"| {name} | {batch} | {shape} | {1e3 * np.median(times[0]):.2f} | "
+                  + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

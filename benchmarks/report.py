@@ -7,7 +7,8 @@ task, and per-layer quantization error (SQNR) of the digits CNN.
 Reads benchmarks/results/<task>.csv and the artifacts' manifests; writes sizes.md,
 <task>_vs_size.png and layer_sqnr.png into benchmarks/results/. `--readme` rewrites the part of
 README.md between the `results:start` / `results:end` markers from benchmarks/results/*.md
-(qat_overhead.md and onnx_speed.md are those scripts' output, saved with `| tee`).
+(qat_overhead.md, onnx_speed.md and deploy_accuracy.md are those scripts' output, saved with
+`| tee`).
 """
 
 from __future__ import annotations
@@ -192,11 +193,19 @@ w4a8, dropout off; {_seeds("minilm")}).
 
 {_md("sizes.md")}
 
-### 6. Deployment speed: ONNX Runtime int8 QDQ vs fp32 (w8a8, 2 threads, interleaved medians)
+### 6. Deployment speed: int8 against fp32, beside ONNX Runtime's and torch's own int8 paths
 
-`.venv/bin/python benchmarks/onnx_speed.py | tee benchmarks/results/onnx_speed.md`
+`.venv/bin/python benchmarks/onnx_speed.py | tee benchmarks/results/onnx_speed.md` (2 threads,
+interleaved medians; the first line of its output names the CPU kernel family it ran on)
 
 {_md("onnx_speed.md")}
+
+### 7. Deployment accuracy of the same int8 paths, from one trained float model
+
+`.venv/bin/python benchmarks/deploy_accuracy.py | tee benchmarks/results/deploy_accuracy.md`
+(this project's int8 here is calibrated PTQ through the export; QAT numbers are in tables 1-3)
+
+{_md("deploy_accuracy.md")}
 
 Plots: `benchmarks/results/digits_vs_size.png`, `shakespeare_vs_size.png`, `minilm_vs_size.png`
 (metric against artifact size, float and PTQ shown) and `layer_sqnr.png` (per-layer output SQNR of

@@ -62,7 +62,10 @@ def require_onnx() -> tuple[Any, Any]:
 
 
 def ort_session(
-    model: str | Path | bytes | Any, threads: int | None = None, integer_kernels: bool = True
+    model: str | Path | bytes | Any,
+    threads: int | None = None,
+    integer_kernels: bool = True,
+    config: dict[str, str] | None = None,
 ) -> Any:
     """An ONNX Runtime CPU session with full graph optimization and exact int4 MatMulNBits.
 
@@ -70,6 +73,7 @@ def ort_session(
     `integer_kernels=False` sets `session.disable_quant_qdq`: ONNX Runtime then runs Q/DQ as
     plain ops, dequantizes constant weights once at load and uses its fp32 kernels (the same
     activation codes; faster for small conv nets, whose QDQ Conv cannot use the NCHWc path).
+    `config` adds session config entries (e.g. `{"session.intra_op.allow_spinning": "0"}`).
     """
     _, ort = require_onnx()
     so = ort.SessionOptions()
@@ -77,6 +81,8 @@ def ort_session(
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     if not integer_kernels:
         so.add_session_config_entry("session.disable_quant_qdq", "1")
+    for key, value in (config or {}).items():
+        so.add_session_config_entry(key, value)
     if threads is not None:
         so.intra_op_num_threads = threads
     if hasattr(model, "SerializeToString"):
