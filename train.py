@@ -12,26 +12,18 @@ A bad config ends in one line naming the key and the fix (HYDRA_FULL_ERROR=1 for
 
 from __future__ import annotations
 
+import logging
 import os
 
 import hydra
-from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 
+from qat.train.errors import RunError, one_line
 from qat.train.recipe_files import register_recipe_files
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-
-class RunError(CompactHydraException):
-    """A run stopped: Hydra prints the message alone (the trace with HYDRA_FULL_ERROR=1)."""
-
-
-def _one_line(e: Exception) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {text}"
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
@@ -47,10 +39,13 @@ def main(cfg: DictConfig) -> float | None:
     except Exception as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        raise RunError(_one_line(e)) from e
+        raise RunError(one_line(e)) from e
     return monitored_value(results, str(cfg.monitor).split("/")[-1])  # for Hydra sweepers
 
 
 if __name__ == "__main__":
+    # A log handler that cannot write (a full disk) stays quiet: the run reports the write
+    # that failed itself, in one line, instead of a traceback per log record.
+    logging.raiseExceptions = False
     register_recipe_files()
     main()

@@ -7,10 +7,11 @@ if the process is killed mid-write. Writing in the same folder keeps the rename 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -32,6 +33,12 @@ class WriteError(OSError):
         return str(self.strerror)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
 def fsync_path(path: Path) -> None:
     """Flush a file, or a folder (which makes a rename inside it durable), to disk."""
     fd = os.open(path, os.O_RDONLY)
@@ -41,16 +48,53 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def atomic_path(
+    path: str | os.PathLike, what: str = "file", error: type[WriteError] = WriteError
+) -> Iterator[Path]:
+    """A temp path beside `path` to write to (for writers that open files themselves); on
+    success it is fsynced and renamed over `path`, on failure removed. An `OSError` (full
+    disk, read-only folder) becomes `error` (a `WriteError`) naming `path`.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "x.txt"
+        >>> with atomic_path(p) as tmp:
+        ...     _ = tmp.write_text("ok")
+        >>> p.read_text(), [q.name for q in p.parent.iterdir()]
+        ('ok', ['x.txt'])
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets open()'s mode
+        os.close(fd)
+    except OSError as e:
+        raise error(path, e, what) from None
+    tmp = Path(name)
+    try:
+        yield tmp
+        with tmp.open("rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_path(path.parent)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise error(path, e, what) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def atomic_write(
     path: str | os.PathLike,
     write: Callable[[IO[bytes]], Any],
     what: str = "file",
     error: type[WriteError] = WriteError,
 ) -> Path:
-    """Call `write(f)` on a temp file beside `path`, then rename it over `path`.
-
-    An `OSError` (full disk, read-only folder) becomes `error` (a `WriteError`) naming
-    `path`; on any failure the temp file is removed.
+    """Call `write(f)` on a temp file beside `path`, then rename it over `path` (see
+    `atomic_path`).
 
     Example:
         >>> import tempfile, pathlib
@@ -58,26 +102,21 @@ def atomic_write(
         >>> atomic_write(p, lambda f: f.write(b"ok")).read_bytes()
         b'ok'
     """
-    path = Path(path)
+    with atomic_path(path, what, error) as tmp, tmp.open("wb") as f:
+        write(f)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike, what: str = "file") -> Iterator[None]:
+    """An `OSError` inside the block becomes `WriteError` naming `path` (for writes that are
+    atomic by other means, e.g. a temp directory renamed into place)."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise error(path, e, what) from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_path(path.parent)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise error(path, e, what) from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        yield
+    except WriteError:
         raise
-    return path
+    except OSError as e:
+        raise WriteError(Path(path), e, what) from None
 
 
 def write_json(path: str | os.PathLike, data: Any) -> Path:

@@ -20,13 +20,13 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from qat.export import manifest as mf
 from qat.export.manifest import ArtifactError
 from qat.export.report import ParityReport
-from qat.io import fsync_path
+from qat.io import fsync_path, writing
 from qat.models import registry
 from qat.quant.recipe import Recipe
 from qat.quant.spec import QuantSpec
@@ -74,33 +74,48 @@ def save(
     target = Path(directory)
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} already exists; pass overwrite=True to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
     tensors = _tensors(model)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    with writing(target, "export artifact"):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        weights = tmp / mf.WEIGHTS_FILE
-        save_file(tensors, weights, metadata={"format": mf.FORMAT})
-        fsync_path(weights)
-        data = weights.read_bytes()
-        manifest = mf.build_manifest(model, tensors, len(data), hashlib.sha256(data).hexdigest())
-        if parity is not None:
-            manifest["parity"] = parity.to_dict() if isinstance(parity, ParityReport) else parity
-        manifest["extra"] = extra
-        _write_manifest(tmp / mf.MANIFEST_FILE, manifest)
-        fsync_path(tmp / mf.MANIFEST_FILE)
-        fsync_path(tmp)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / "artifact")
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-        fsync_path(target.parent)
+        with writing(target, "export artifact"):
+            _write_into(tmp, model, tensors, parity, extra)
+            if target.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+                os.replace(target, old / "artifact")
+                os.replace(tmp, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, target)
+            fsync_path(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _write_into(
+    tmp: Path,
+    model: nn.Module,
+    tensors: dict[str, torch.Tensor],
+    parity: ParityReport | dict | None,
+    extra: dict[str, Any] | None,
+) -> None:
+    """The weights (serialized in memory, so a full disk is a plain `OSError`) and the
+    manifest, fsynced, into the fresh folder `tmp`."""
+    data = safetensors_bytes(tensors, metadata={"format": mf.FORMAT})
+    weights = tmp / mf.WEIGHTS_FILE
+    with weights.open("wb") as f:
+        f.write(data)
+    fsync_path(weights)
+    manifest = mf.build_manifest(model, tensors, len(data), hashlib.sha256(data).hexdigest())
+    if parity is not None:
+        manifest["parity"] = parity.to_dict() if isinstance(parity, ParityReport) else parity
+    manifest["extra"] = extra
+    _write_manifest(tmp / mf.MANIFEST_FILE, manifest)
+    fsync_path(tmp / mf.MANIFEST_FILE)
+    fsync_path(tmp)
 
 
 def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:

@@ -10,14 +10,13 @@ Other tensors are written as F32.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from qat.io import atomic_path
 from qat.quant import grid
 from qat.quant.modules import QATMixin
 
@@ -102,11 +101,8 @@ def write_gguf(model: nn.Module, path: str | Path, vocab: list[str] | None = Non
     if cfg is None or not hasattr(model, "blocks") or not hasattr(model, "lm_head"):
         raise ValueError("GGUF export supports qat's llama-style GPT (builder 'gpt') only")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        w = gguf.GGUFWriter(tmp, "llama")
+    with atomic_path(path, "GGUF file") as tmp:
+        w = gguf.GGUFWriter(str(tmp), "llama")
         w.add_name("qat-gpt")
         w.add_context_length(cfg.block_size)
         w.add_embedding_length(cfg.d_model)
@@ -126,12 +122,6 @@ def write_gguf(model: nn.Module, path: str | Path, vocab: list[str] | None = Non
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

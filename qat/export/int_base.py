@@ -18,7 +18,7 @@ from torch import nn
 
 from qat.export import packing
 from qat.quant import grid
-from qat.quant.spec import QuantSpec
+from qat.quant.spec import QuantSpec, check_integer_layout
 
 
 def _scale_dtype(spec: QuantSpec) -> torch.dtype:
@@ -168,19 +168,8 @@ class IntLayer(nn.Module):
 
     def check_integer_layout(self, name: str, input_granularities: tuple[str, ...]) -> None:
         """The integer path factors scales out of each dot product: check that it can."""
-        ws, xs = self.weight_spec, self.input_spec
-        if ws is None or xs is None:
-            return
-        if ws.granularity == "per_channel" and ws.axis % len(self.weight_shape) != 0:
-            raise ValueError(
-                f"{name}: per_channel weight scales along axis {ws.axis} vary inside each dot "
-                "product; the integer executor needs axis 0 (output channels) for quantized inputs"
-            )
-        if xs.granularity not in input_granularities:
-            raise ValueError(
-                f"{name}: {xs.granularity} input scales vary inside each dot product of a "
-                f"{type(self).__name__}; use {' or '.join(input_granularities)}"
-            )
+        check_integer_layout(self.weight_spec, self.input_spec, len(self.weight_shape),
+                             input_granularities, name)
 
     # -- description --------------------------------------------------------------------------
     def layer_args(self) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from torch import nn
 
 from qat.export import packing
 from qat.export.int_base import IntLayer
+from qat.quant.modules import QATConv2d, QATLinear
 from qat.quant.spec import QuantSpec
 
 
@@ -46,7 +47,7 @@ class IntLinear(IntLayer):
         self._init_quant_state(
             (out_features, in_features), weight_spec, input_spec, output_spec, bias
         )
-        self.check_integer_layout(type(self).__name__, ("per_tensor", "per_token"))
+        self.check_integer_layout(type(self).__name__, QATLinear.INTEGER_INPUTS)
 
     def layer_args(self) -> dict[str, Any]:
         return {
@@ -132,7 +133,7 @@ class _IntConvNd(IntLayer):
         self._pad_twice = ref._reversed_padding_repeated_twice
         shape = (out_channels, in_channels // groups, *ref.kernel_size)
         self._init_quant_state(shape, weight_spec, input_spec, output_spec, bias)
-        self.check_integer_layout(type(self).__name__, ("per_tensor",))
+        self.check_integer_layout(type(self).__name__, QATConv2d.INTEGER_INPUTS)
 
     def layer_args(self) -> dict[str, Any]:
         args: dict[str, Any] = {

@@ -21,6 +21,8 @@ class QATMixin:
     input_quant: FakeQuantizer | None
     output_quant: FakeQuantizer | None
     FLOAT_TYPE: type[nn.Module]
+    # Input granularities the integer layer can factor out of its dot products.
+    INTEGER_INPUTS: tuple[str, ...] = ("per_tensor",)
 
     @classmethod
     def from_float(
@@ -88,6 +90,7 @@ class QATLinear(QATMixin, nn.Linear):
     """
 
     FLOAT_TYPE = nn.Linear
+    INTEGER_INPUTS = ("per_tensor", "per_token")  # a scale per row of the matmul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._qout(F.linear(self._qin(x), self.quantized_weight(), self.bias))

@@ -13,7 +13,7 @@ from qat.quant.bn_fold import BN_TYPES
 from qat.quant.modules import qat_class_for
 from qat.quant.observers import MSE_CANDIDATES, MSE_MAX_SAMPLES
 from qat.quant.recipe import Recipe, _name_matches, as_recipe
-from qat.quant.spec import ROLES, QuantSpec
+from qat.quant.spec import ROLES, QuantSpec, check_integer_layout, check_keys_apply
 
 
 @dataclass
@@ -164,6 +164,7 @@ def _resolve(rules_hit, role: str, name: str, mod: nn.Module) -> QuantSpec | Non
     path = "+".join(f"rules[{i}]" for i in contributors) + f".{role}"
     try:
         spec = QuantSpec.from_dict(merged, path=path).check_role(role)
+        check_keys_apply(merged, path)
         if role == "weight":
             spec.check_shape(tuple(mod.weight.shape))
     except ValueError as e:
@@ -209,6 +210,11 @@ def plan(model: nn.Module, recipe: Recipe | dict | str, verbose: bool = False) -
         for role in ROLES:
             skip = lp.ignored or (role == "input" and isinstance(mod, nn.Embedding))
             lp.specs[role] = None if skip else _resolve(hits[name], role, name, mod)
+        try:
+            check_integer_layout(lp.specs["weight"], lp.specs["input"], mod.weight.ndim,
+                                 qat_class_for(mod).INTEGER_INPUTS, type(mod).__name__)
+        except ValueError as e:
+            raise ValueError(f"{e} (module {name!r})") from None
         if lp.quantized and name in pairs:
             lp.bn = pairs[name]
         layers.append(lp)

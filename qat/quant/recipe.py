@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from torch import nn
 
-from qat.quant.spec import ROLES, QuantSpec, check_field
+from qat.quant.spec import ROLES, QuantSpec, check_field, check_role_fields
 
 BN_MODES = ("fold", "merge", "keep")
 SCHEDULE_KEYS = ("calibrate", "freeze_observers", "freeze_bn")
@@ -100,10 +100,14 @@ class Rule:
                     spec = dict(_mapping(spec, f"{p}.{role}", tuple(QuantSpec.field_names())))
                     for k, v in spec.items():
                         check_field(k, v, f"{p}.{role}")
+                    check_role_fields(role, spec, f"{p}.{role}")
                 specs[role] = spec
         optional = raw.get("optional", False)
         if not isinstance(optional, bool):
             raise _fail(f"{p}.optional", optional, "true or false")
+        if not specs:
+            raise _fail(p, raw, "a rule that sets at least one of weight, input, output (null "
+                        "turns a role off); a rule with only a match changes nothing")
         return cls(i, names, types, position, specs, optional)
 
     def matches(self, name: str, mod: nn.Module) -> bool:

@@ -43,6 +43,70 @@ _FIELD_RULES: dict[str, tuple[Any, str]] = {
 }
 
 
+# field -> (the setting it needs, to say so): a key that means nothing without that setting.
+_NEEDS: dict[str, tuple[str, Any]] = {
+    "momentum": ("observer", "ema"),
+    "percentile": ("observer", "percentile"),
+    "axis": ("granularity", "per_channel"),
+}
+_DEFAULTS = {"observer": "minmax", "granularity": "per_tensor"}
+# role -> field -> values that role cannot take, with what it can.
+_ROLE_REFUSES: dict[str, dict[str, tuple[tuple[Any, ...], str]]] = {
+    "weight": {
+        "granularity": (("per_token",), "per_tensor, per_channel, per_group"),
+        "learn": (("pact",), "none, lsq, lsq_plus for weights"),
+        "dynamic": ((True,), "false for weights"),
+    },
+    "input": {
+        "granularity": (("per_channel", "per_group"), "per_tensor or per_token for activations "
+                        "(integer matmul needs one scale per row)"),
+    },
+}
+_ROLE_REFUSES["output"] = _ROLE_REFUSES["input"]
+
+
+def check_keys_apply(fields: dict[str, Any], path: str) -> None:
+    """Refuse a key a recipe wrote that its spec ignores (`momentum` without the ema
+    observer, ...): a spec as written by a person, not one serialized with every default."""
+    for k, (other, needed) in _NEEDS.items():
+        has = fields.get(other, _DEFAULTS[other])
+        if k in fields and has != needed:
+            raise _fail(f"{path}.{k}", fields[k], f"only with {other}: {needed} (this spec has "
+                        f"{other}: {has}); drop {k} or set {other}: {needed}")
+
+
+def check_role_fields(role: str, fields: dict[str, Any], path: str) -> None:
+    """Refuse values that `role` cannot take, for a whole spec or a recipe rule's part of one
+    (whose fields `check_field` has accepted, so a bool field holds a bool)."""
+    if role not in ROLES:
+        raise _fail(f"{path} role", role, ", ".join(ROLES))
+    for name, (refused, allowed) in _ROLE_REFUSES[role].items():
+        if name in fields and fields[name] in refused:
+            raise _fail(f"{path}.{name}", fields[name], allowed)
+
+
+def check_integer_layout(
+    weight: QuantSpec | None,
+    input: QuantSpec | None,
+    weight_ndim: int,
+    input_granularities: tuple[str, ...],
+    where: str,
+) -> None:
+    """A layer with a quantized input and weight runs as integers, factoring the scales out of
+    each dot product: refuse specs whose scales vary inside one (checked at `plan`, and by
+    the integer layers)."""
+    if weight is None or input is None:
+        return
+    if weight.granularity == "per_channel" and weight.axis % weight_ndim != 0:
+        raise _fail(f"{weight.path}.axis", weight.axis, f"0 (output channels) for {where}: "
+                    "scales along another axis vary inside each dot product of its quantized "
+                    "input")
+    if input.granularity not in input_granularities:
+        raise _fail(f"{input.path}.granularity", input.granularity,
+                    f"{' or '.join(input_granularities)} for {where} (its input scales must "
+                    "be constant inside each dot product)")
+
+
 def check_field(name: str, value: Any, path: str = "spec") -> None:
     """Raise `ValueError` naming `path.name` unless `value` is allowed for field `name`."""
     if name not in _FIELD_RULES:
@@ -128,22 +192,7 @@ class QuantSpec:
     # -- roles ------------------------------------------------------------------------------
     def check_role(self, role: str) -> QuantSpec:
         """Raise `ValueError` if this spec cannot quantize a tensor of `role`; return self."""
-        p = self.path
-        if role not in ROLES:
-            raise _fail(f"{p} role", role, ", ".join(ROLES))
-        if role == "weight":
-            if self.granularity == "per_token":
-                raise _fail(f"{p}.granularity", "per_token", "per_tensor, per_channel, per_group")
-            if self.learn == "pact":
-                raise _fail(f"{p}.learn", "pact", "none, lsq, lsq_plus for weights")
-            if self.dynamic:
-                raise _fail(f"{p}.dynamic", True, "false for weights")
-        elif self.granularity in ("per_channel", "per_group"):
-            raise _fail(
-                f"{p}.granularity",
-                self.granularity,
-                "per_tensor or per_token for activations (integer matmul needs one scale per row)",
-            )
+        check_role_fields(role, self.to_dict(), self.path)
         return self
 
     def check_shape(self, shape: tuple[int, ...]) -> None:

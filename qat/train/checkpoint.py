@@ -5,6 +5,7 @@ Nothing here imports Lightning, so a run checks its checkpoint before the traine
 
 from __future__ import annotations
 
+import logging
 import pickle
 import zipfile
 from pathlib import Path
@@ -93,15 +94,32 @@ def check_meta(saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
 
 
 def find_last_checkpoint(run_root: Path) -> Path:
-    """The newest checkpoint under `run_root/runs/*/checkpoints/` (for `ckpt_path=last`).
+    """The newest checkpoint under `run_root/runs/*/checkpoints/` that loads (`ckpt_path=last`).
 
     Usually `last.ckpt`; a run killed between writing a step checkpoint and `last.ckpt`
-    resumes from the step checkpoint. Writes are atomic, so no candidate is ever torn.
+    resumes from the step checkpoint. Our writes are atomic, but a folder may hold files from
+    elsewhere (a copy cut short, a file of another program): those are skipped, with one
+    warning line naming them. Candidates are opened memory-mapped, so checking is cheap.
     """
     found = sorted(run_root.glob("runs/*/checkpoints/*.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise FileNotFoundError(
-            f"ckpt_path=last: no checkpoints/last.ckpt under {run_root}/runs/*; "
-            "pass ckpt_path=<file> or check run_name/paths.log_dir"
-        )
-    return found[-1]
+    skipped = []
+    for path in reversed(found):
+        why = _not_a_checkpoint(path)
+        if why is None:
+            try:
+                load_checkpoint(path, mmap=True)
+            except ValueError:
+                why = "it does not load as a qat checkpoint"
+        if why is not None:
+            skipped.append(f"{path} ({why})")
+            continue
+        if skipped:
+            logging.getLogger(__name__).warning(
+                "ckpt_path=last: skipped %d newer unreadable checkpoint(s): %s",
+                len(skipped), "; ".join(skipped))
+        return path
+    raise FileNotFoundError(
+        f"ckpt_path=last: no checkpoints/last.ckpt under {run_root}/runs/*"
+        + (f" that loads ({len(skipped)} unreadable: {skipped[0]})" if skipped else "")
+        + "; pass ckpt_path=<file> or check run_name/paths.log_dir"
+    )

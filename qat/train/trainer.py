@@ -37,13 +37,41 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None
     ) -> None:
-        atomic_write(path, lambda f: torch.save(checkpoint, f), "checkpoint",
+        atomic_write(path, lambda f: _torch_save(checkpoint, f), "checkpoint",
                      CheckpointWriteError)
 
     def load_checkpoint(
         self, path: Any, map_location: Any = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
         return load_checkpoint(path, lightning=False)
+
+
+class _Sink:
+    """A file for `torch.save` that keeps the first `OSError` of a write: torch's writer
+    turns it into a RuntimeError ("unexpected pos ...") that names neither cause nor file."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _torch_save(obj: Any, f: Any) -> None:
+    sink = _Sink(f)
+    try:
+        torch.save(obj, sink)
+    except RuntimeError:
+        if sink.error is not None:
+            raise sink.error from None
+        raise
 
 
 def is_rank_zero() -> bool:

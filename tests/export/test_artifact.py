@@ -3,6 +3,7 @@
 import hashlib
 import json
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -172,7 +173,7 @@ def test_not_an_artifact(tmp_path):
         qat.load(tmp_path)
 
 
-@pytest.mark.parametrize("where", ["save_file", "_write_manifest", "fsync_path"])
+@pytest.mark.parametrize("where", ["safetensors_bytes", "_write_manifest", "fsync_path"])
 def test_crash_during_save_leaves_no_artifact(tmp_path, gpt_int, monkeypatch, where):
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("simulated crash")
@@ -210,4 +211,23 @@ def test_model_without_a_builder_cannot_be_saved(tmp_path):
     int_model = _calibrated(model, recipe("w8"), torch.randint(0, 100, (1, 4)))
     with pytest.raises(ArtifactError, match="no builder_name.*build_model"):
         qat.save(int_model, tmp_path / "x")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_full_disk_while_saving_is_one_clear_error_and_leaves_nothing(
+    tmp_path, gpt_int, monkeypatch
+):
+    from qat.io import WriteError
+
+    real_open = Path.open
+
+    def full(self, mode="r", *args, **kwargs):
+        if "w" in mode and self.name == "weights.safetensors":
+            raise OSError(28, "No space left on device")
+        return real_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", full)
+    with pytest.raises(WriteError, match=r"could not write export artifact .*art: No space "
+                       r"left on device\. Nothing partial was left behind"):
+        qat.save(gpt_int[0], tmp_path / "art")
     assert list(tmp_path.iterdir()) == []

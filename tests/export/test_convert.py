@@ -200,9 +200,6 @@ def test_unprepared_model_and_unsupported_layers_are_errors():
     lin = nn.Sequential(nn.Linear(4, 4))
     rules = [{"match": {"types": ["Linear"]}, "input": {"bits": 8},
               "weight": {"bits": 8, "granularity": "per_channel", "axis": 1}}]  # fmt: skip
-    qat.prepare(lin, {"rules": rules})
-    lin(torch.randn(2, 4))
-    with pytest.raises(
-        ConvertError, match=r"^0: IntLinear: per_channel weight scales along axis 1"
-    ):
-        convert(lin)
+    with pytest.raises(ValueError, match=r"^rules\[0\]\.weight\.axis: got 1; allowed: 0 \(output "
+                       r"channels\) for Linear.*\(module '0'\)"):  # refused at plan, before QAT
+        qat.prepare(lin, {"rules": rules})

@@ -173,9 +173,10 @@ def test_storage_dtypes_and_shapes():
 
 
 def test_integer_path_refuses_scales_that_vary_inside_a_dot_product():
-    with pytest.raises(ValueError, match="axis 0"):
+    with pytest.raises(ValueError, match=r"axis: got 1; allowed: 0 \(output channels\)"):
         IntLinear(8, 4, weight_spec=QuantSpec(granularity="per_channel", axis=1),
                   input_spec=QuantSpec())  # fmt: skip
-    with pytest.raises(ValueError, match="per_token input scales vary"):
+    with pytest.raises(ValueError, match=r"granularity: got 'per_token'; allowed: per_tensor for "
+                       r"IntConv2d \(its input scales must be constant inside each dot"):
         IntConv2d(2, 2, [1, 1], [1, 1], [0, 0], [1, 1], weight_spec=QuantSpec(),
                   input_spec=QuantSpec(granularity="per_token", dynamic=True))  # fmt: skip

@@ -89,7 +89,7 @@ def test_later_rule_overrides_field_by_field_and_ignore_and_null_roles():
         (
             {
                 "rules": [
-                    {"match": {"types": ["Linear"]}},
+                    {"match": {"types": ["Linear"]}, "weight": {"bits": 8}},
                     {"match": {"types": ["Linear"]}, "weight": {"bits": 12}},
                 ]
             },
@@ -126,8 +126,9 @@ def test_recipe_errors_name_the_key_path(recipe, match):
 
 def test_resolution_errors_name_rules_and_module():
     with pytest.raises(ValueError, match=r"rules\[0\]\.match: matches no quantizable module"):
-        qat.plan(cnn(), {"rules": [{"match": {"names": ["blocks.*.attn.*"]}}]})
-    assert qat.plan(cnn(), {"rules": [{"match": {"names": ["nope"]}, "optional": True}]})
+        qat.plan(cnn(), {"rules": [{"match": {"names": ["blocks.*.attn.*"]}, "weight": {}}]})
+    assert qat.plan(cnn(), {"rules": [{"match": {"names": ["nope"]}, "optional": True,
+                                       "weight": {"bits": 8}}]})
     bad = {
         "rules": [
             {

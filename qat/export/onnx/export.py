@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
-import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,6 +40,7 @@ from qat.export.int_base import IntLayer
 from qat.export.onnx import cpu
 from qat.export.onnx import graph as onnx_graph
 from qat.export.onnx.layers import STATE, OnnxLayer
+from qat.io import atomic_write
 from qat.quant.modules import QATMixin
 
 OPSET = 21
@@ -162,20 +161,6 @@ def _swapped(root: _Positional, target: str) -> Iterator[dict[str, OnnxLayer]]:
         STATE.layers, STATE.calls = {}, {}
 
 
-def _atomic_save(model: Any, path: Path) -> None:
-    onnx, _ = require_onnx()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        onnx.save_model(model, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 @torch.no_grad()
 def export_onnx(
     int_model: nn.Module,
@@ -250,5 +235,5 @@ def export_onnx(
                                     TARGET_KEY: target})  # fmt: skip
     onnx.checker.check_model(model, full_check=True)
     path = Path(path)
-    _atomic_save(model, path)
+    atomic_write(path, lambda f: f.write(model.SerializeToString()), "ONNX file")
     return path
