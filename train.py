@@ -18,8 +18,7 @@ import os
 import hydra
 from omegaconf import DictConfig
 
-from qat.train.errors import RunError, one_line
-from qat.train.recipe_files import register_recipe_files
+from qat.train.errors import EXPECTED, RunError, one_line
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -36,7 +35,7 @@ def main(cfg: DictConfig) -> float | None:
         from qat.train.run import monitored_value, run
 
         results = run(job)
-    except Exception as e:
+    except EXPECTED as e:  # bad input, a failed write, a diverged run: one line
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         raise RunError(one_line(e)) from e
@@ -47,5 +46,4 @@ if __name__ == "__main__":
     # A log handler that cannot write (a full disk) stays quiet: the run reports the write
     # that failed itself, in one line, instead of a traceback per log record.
     logging.raiseExceptions = False
-    register_recipe_files()
     main()

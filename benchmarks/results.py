@@ -64,9 +64,7 @@ def compose(overrides: list[str], out: Path):
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    from qat.train.recipe_files import register_recipe_files
 
-    register_recipe_files()  # configs/train.yaml's search path names it
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = hydra_compose("train", overrides=overrides, return_hydra_config=True)

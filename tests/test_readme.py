@@ -172,7 +172,7 @@ def test_readme_commands_run_in_order(tmp_path, monkeypatch, data_dir, capfd):
     ):
         _check_console(args, _run(args, data_dir, capfd))
     runs = Path("outputs")
-    sweep = Path(_newest("outputs/digits_w4a4/multiruns/*/summary.csv")).parent
+    sweep = Path(_newest("outputs/multiruns/*/summary.csv")).parent
     assert (sweep / "summary.md").read_text().count("\n") == 2 + 3  # header, rule, 3 recipes
     ddp = Path(_newest("outputs/digits_w4a4/runs/*/train_ddp_process_1.log")).parent
     assert (ddp / "metrics.json").is_file() and (ddp / "export" / "qat").is_dir()

@@ -200,7 +200,7 @@ class Recipe:
         try:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as e:
-            raise ValueError(f"recipe file {path} is not valid YAML: {e}") from None
+            raise ValueError(f"recipe file {yaml_error(path, e)}") from None
         try:
             return cls.from_dict(data)
         except ValueError as e:
@@ -211,6 +211,13 @@ class Recipe:
 
     def is_float(self) -> bool:
         return not any(s is not None for r in self.rules for s in r.specs.values())
+
+
+def yaml_error(path: Path, e: yaml.YAMLError) -> str:
+    """`FILE:LINE:COLUMN: invalid YAML: PROBLEM` for a YAML error."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+    return f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}"
 
 
 def _plain(d: Any) -> Any:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import pickle
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ def _not_a_checkpoint(path: Path) -> str | None:
         with path.open("rb") as f:
             head = f.read(64)
         if head.startswith(b"PK\x03\x04"):
-            return "truncated (a zip archive without its end: the write was cut short)"
+            return "it is truncated (a zip archive without its end: the write was cut short)"
         text = head.isascii() and bool(head.strip())
         kind = "a text file" if text else f"{size} bytes of another format"
         return f"it is {kind}, not a checkpoint written by torch.save (a zip archive)"
@@ -43,8 +44,7 @@ def load_checkpoint(path: str | Path, mmap: bool = False, lightning: bool = True
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     why = _not_a_checkpoint(path)
     if why is not None:
-        raise ValueError(f"checkpoint {path} is unreadable or {why}" if why.startswith("trunc")
-                         else f"checkpoint {path} is unreadable: {why}")
+        raise ValueError(f"checkpoint {path} is unreadable or truncated: {why}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
@@ -58,6 +58,38 @@ def load_checkpoint(path: str | Path, mmap: bool = False, lightning: bool = True
     if lightning and (not isinstance(ckpt, dict) or "state_dict" not in ckpt):
         raise ValueError(f"checkpoint {path} has no state_dict: not a qat/Lightning checkpoint")
     return ckpt
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A qat checkpoint opened memory-mapped: its metadata, step and (lazily read) tensors.
+
+    Opened once, before the run loads data; the run then builds its model from `data`.
+    """
+
+    path: Path  # absolute, so metadata that records it stays valid from any directory
+    meta: dict[str, Any]
+    global_step: int
+    data: dict[str, Any] = field(repr=False, compare=False)
+
+    @classmethod
+    def open(cls, path: str | Path, key: str = "checkpoint") -> Checkpoint:
+        """`key` names the setting in errors (`ckpt_path`, `init_from`)."""
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{key}={path} does not exist")
+        try:  # tensors memory-mapped: read only where they are used
+            ckpt = load_checkpoint(path, mmap=True)
+        except ValueError as e:
+            raise ValueError(f"{key}: {e}") from None
+        meta = ckpt.get("qat_meta")
+        if not isinstance(meta, dict) or "model" not in meta:
+            raise ValueError(f"{key}: {path} has no qat metadata: it was not written by "
+                             "qat's trainer")
+        return cls(Path(path).resolve(), meta, int(ckpt.get("global_step", 0)), ckpt)
+
+    @property
+    def is_float(self) -> bool:
+        return self.meta.get("recipe") is None
 
 
 def model_state(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:

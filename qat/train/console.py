@@ -13,12 +13,15 @@ import sys
 import time
 import warnings
 from collections.abc import Iterable, Iterator
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.callbacks import RichProgressBar
 from rich.console import Console
 from rich.table import Table
+
+from qat.train.tasks import METRIC
 
 # Library warnings that say nothing to a user of this project.
 _NOISE = (
@@ -53,16 +56,12 @@ def say(message: str) -> None:
 
 class StepProgressBar(RichProgressBar):
     """Rich progress with the stage (`float`, `qat`) in place of `Epoch 0/-2` (runs are
-    counted in optimizer steps over an endless stream) and without the logger's `v_num`."""
+    counted in optimizer steps over an endless stream) and without the logger's `v_num`.
+    (Overrides Lightning's `_get_train_description`, the one place it names the epoch.)"""
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, stage: str = "train", **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._stage = "train"
-
-    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        meta = getattr(pl_module, "meta", None) or {}
-        self._stage = str(meta.get("stage", "train"))
-        super().on_train_start(trainer, pl_module)
+        self._stage = stage
 
     def _get_train_description(self, current_epoch: int) -> str:
         return self._stage
@@ -82,9 +81,7 @@ def calibration_batches(batches: Iterable[Any], total: int, show: bool) -> Itera
     columns = ("calibrate", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, transient=True, disable=not show) as bar:
         task = bar.add_task("calibrate", total=total)
-        for batch in batches:
-            if used == total:
-                break
+        for batch in islice(batches, total):  # no batch drawn beyond the last one used
             yield batch
             used += 1
             bar.advance(task)
@@ -97,19 +94,18 @@ def calibration_batches(batches: Iterable[Any], total: int, show: bool) -> Itera
         say(f"calibrated on {used} batches in {time.perf_counter() - start:.1f} s")
 
 
-def metric_name(objective: str) -> str:
-    return {"classification": "acc", "causal_lm": "ppl", "embedding": "cosine"}[objective]
-
-
 def stage_line(stage: str, metrics: dict[str, float], objective: str, seconds: float) -> str:
-    m = metric_name(objective)
+    m = METRIC[objective]
     val, test = metrics.get(f"val/{m}", float("nan")), metrics.get(f"test/{m}", float("nan"))
     return f"{stage}: val {m} {val:.4f}, test {m} {test:.4f} ({seconds:.1f} s)"
 
 
+OUTPUT_NAMES = {"qat": "artifact", "onnx": "ONNX", "gguf": "GGUF"}
+
+
 def print_summary(results: dict[str, Any], objective: str, outputs: dict[str, str]) -> None:
     """The closing table: each model's metrics, then every file the run wrote."""
-    m = metric_name(objective)
+    m = METRIC[objective]
     table = Table(title=f"qat run ({results.get('recipe') or 'recipe'})")
     table.add_column("model")
     table.add_column(f"val {m}", justify="right")
@@ -125,9 +121,6 @@ def print_summary(results: dict[str, Any], objective: str, outputs: dict[str, st
     console.print("outputs:")
     for what, path in outputs.items():
         console.print(f"  {OUTPUT_NAMES.get(what, what):<11} {_short(path)}")
-
-
-OUTPUT_NAMES = {"qat": "artifact", "onnx": "ONNX", "gguf": "GGUF"}
 
 
 def _short(path: str) -> str:

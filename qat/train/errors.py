@@ -5,6 +5,11 @@ from __future__ import annotations
 
 from hydra.errors import CompactHydraException
 
+# What a run reports in one line: qat's errors for bad input (ValueError and its kin, e.g.
+# ParityError, ArtifactError), failed writes (OSError, e.g. WriteError), a diverged loss.
+# Anything else is a bug somewhere and keeps its traceback.
+EXPECTED = (ValueError, OSError, FloatingPointError)
+
 
 class RunError(CompactHydraException):
     """A run stopped: Hydra prints the message alone, without a traceback."""

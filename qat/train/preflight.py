@@ -8,28 +8,25 @@ objects built on the way, so the run does not build them again.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 import qat
 from qat.export import read_manifest
-from qat.models.registry import build_model
 from qat.quant.plan import Plan
 from qat.quant.recipe import Recipe
-from qat.train.checkpoint import check_meta, find_last_checkpoint, load_checkpoint
+from qat.train.checkpoint import Checkpoint, check_meta, find_last_checkpoint
+from qat.train.model_spec import ModelSpec
 
 COMMANDS = ("train", "eval", "export")
 OBJECTIVES = ("classification", "causal_lm", "embedding")
 FORMATS = ("qat", "onnx", "gguf")
-AUTO_ARGS = ("vocab_size", "num_classes")  # sizes the data decides (model.args.X: auto)
 GGUF_BUILDERS = ("gpt",)
-# `auto` sizes only an output layer or a vocabulary: the plan is checked with this stand-in.
-STAND_IN_SIZE = 64
 
 
 def _int(lo: int) -> tuple[Any, str]:
@@ -66,7 +63,6 @@ NUMBERS: dict[str, tuple[Any, str]] = {
     "trainer.limit_test_batches": _BATCHES,
     "trainer.log_every_n_steps": _int(1),
     "trainer.accumulate_grad_batches": _int(1),
-    "trainer.devices": _either(_int(1), _choice("auto")),
     "data.batch_size": _int(1),
     "float_stage.lr": _num(0.0, open_lo=True),
     "module.lr": _num(0.0, open_lo=True),
@@ -100,78 +96,6 @@ def check_numbers(cfg: DictConfig) -> None:
             continue
         if not ok(value):
             raise ValueError(f"{key}: got {value!r}; allowed: {allowed}")
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A registered builder and its JSON arguments; `auto` values come from the data."""
-
-    builder: str
-    args: dict[str, Any]
-
-    @classmethod
-    def from_config(cls, cfg: DictConfig) -> ModelSpec:
-        args = cfg.model.get("args")
-        args = OmegaConf.to_container(args, resolve=True) if args is not None else {}
-        return cls(str(cfg.model.builder), dict(args))
-
-    def resolved(self, datamodule: Any) -> ModelSpec:
-        """`auto` arguments filled from the datamodule's attributes of the same name."""
-        args = dict(self.args)
-        for key in AUTO_ARGS:
-            if args.get(key) == "auto":
-                if not hasattr(datamodule, key):
-                    raise ValueError(f"model.args.{key}=auto but data "
-                                     f"{type(datamodule).__name__} has no {key}")
-                args[key] = int(getattr(datamodule, key))
-        return ModelSpec(self.builder, args)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"builder": self.builder, "args": dict(self.args)}
-
-    def build(self) -> torch.nn.Module:
-        return build_model(self.builder, **self.args)
-
-    def probe(self) -> torch.nn.Module:
-        """The model with stand-in sizes for `auto`, built without touching the global RNG
-        (the real model is built after seeding, with the data's sizes)."""
-        args = {k: STAND_IN_SIZE if v == "auto" else v for k, v in self.args.items()}
-        with torch.random.fork_rng(devices=[]):
-            return build_model(self.builder, **args)
-
-    def matching(self, meta: dict[str, Any]) -> dict[str, Any]:
-        """This spec as a dict, `auto` arguments taken from a checkpoint's `meta` (the data
-        decides them, so they match whatever the checkpoint's run found)."""
-        saved = (meta.get("model") or {}).get("args") or {}
-        args = {k: saved.get(k, v) if v == "auto" else v for k, v in self.args.items()}
-        return {"builder": self.builder, "args": args}
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """What a run needs to know of a checkpoint before loading it for real."""
-
-    path: Path
-    meta: dict[str, Any]
-    global_step: int
-
-    @classmethod
-    def open(cls, path: str | Path, key: str) -> Checkpoint:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"{key}={path} does not exist")
-        try:  # tensors memory-mapped, not read: only the metadata is needed here
-            ckpt = load_checkpoint(path, mmap=True)
-        except ValueError as e:
-            raise ValueError(f"{key}: {e}") from None
-        meta = ckpt.get("qat_meta")
-        if not isinstance(meta, dict) or "model" not in meta:
-            raise ValueError(f"{key}: {path} has no qat metadata: it was not written by "
-                             "qat's trainer")
-        return cls(Path(path), meta, int(ckpt.get("global_step", 0)))
-
-    @property
-    def is_float(self) -> bool:
-        return self.meta.get("recipe") is None
 
 
 @dataclass(frozen=True)
@@ -217,6 +141,12 @@ def _formats(cfg: DictConfig, model: ModelSpec) -> tuple[str, ...]:
         raise ValueError(f"export.formats: gguf needs a llama-style GPT (model.builder: "
                          f"{', '.join(GGUF_BUILDERS)}), got model.builder={model.builder}; "
                          "drop gguf from export.formats")
+    needs = {"onnx": ("onnx", "onnxruntime"), "gguf": ("gguf",)}
+    for f in formats:
+        missing = [m for m in needs.get(f, ()) if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ValueError(f"export.formats: {f} needs the package(s) {', '.join(missing)}: "
+                             "pip install 'qat[onnx]', or drop it from export.formats")
     return tuple(["qat"] + [f for f in formats if f != "qat"])  # the gated artifact first
 
 
@@ -243,10 +173,16 @@ def _check_origin(ckpt: Checkpoint, objective: str, model: ModelSpec,
     check_meta(ckpt.meta, current)
 
 
+def needs_teacher(cfg: DictConfig) -> bool:
+    """Whether the QAT stage distils from the trained float model."""
+    return cfg.module.task == "embedding" or float(cfg.module.get("kd_weight") or 0) > 0
+
+
 def _train_job(cfg: DictConfig, base: dict[str, Any]) -> Job:
     model, recipe, objective = base["model"], base["recipe"], base["objective"]
+    probe = model.probe()  # its errors name model.args
     try:
-        plan = qat.plan(model.probe(), recipe)
+        plan = qat.plan(probe, recipe)
     except ValueError as e:
         raise ValueError(f"recipe={cfg.get('recipe_name')} on model {model.builder}: {e}") from None
     resume = init_from = None
@@ -257,6 +193,9 @@ def _train_job(cfg: DictConfig, base: dict[str, Any]) -> Job:
             raise ValueError(f"ckpt_path={resume.path} is a float-stage checkpoint; to start "
                              "QAT from it use init_from=<it> instead of ckpt_path")
         _check_origin(resume, objective, model, recipe)
+        teacher = resume.meta.get("float_checkpoint")
+        if needs_teacher(cfg) and teacher:  # the distillation teacher of the resumed run
+            Checkpoint.open(teacher, "the resumed run's float_checkpoint")
     elif cfg.get("init_from"):
         init_from = Checkpoint.open(cfg.init_from, "init_from")
         if not init_from.is_float:
@@ -316,6 +255,6 @@ def preflight(cfg: DictConfig) -> Job:
         "objective": str(cfg.module.task),
         "model": model,
         "recipe": recipe,
-        "formats": _formats(cfg, model),
+        "formats": _formats(cfg, model) if command != "eval" else ("qat",),
     }
     return {"train": _train_job, "eval": _eval_job, "export": _export_job}[command](cfg, base)

@@ -1,11 +1,13 @@
 """`recipe=path/to/my.yaml`: a recipe file of one's own, read by Hydra like a shipped one.
 
-Hydra resolves `recipe=NAME` in the `configs/recipe/` group only. This config source sits
-after it on the search path and answers for options that end in `.yaml`/`.yml` (absolute,
-or relative to the working directory), so `recipe=...` takes a shipped name or a file,
-field overrides (`recipe.schedule.calibrate=5`) and sweeps (`-m recipe=w8a8,my.yaml`) work
-on both. A missing file, a YAML syntax error or an invalid key is one line naming the file
-(and line and column).
+Hydra resolves `recipe=NAME` in the `configs/recipe/` group only. This config source, put first
+on the search path by `RecipeSearchPath` (both found by Hydra in `hydra_plugins/`), answers for
+options ending in `.yaml`/`.yml` that name an existing file (absolute, or relative to the
+working directory) or contain a `/`, so a file of one's own wins over a shipped recipe of the
+same name. Field overrides (`recipe.schedule.calibrate=5`) and sweeps (`-m
+recipe=w8a8,my.yaml`) work on both; the recipe's keys are checked after the overrides, by
+preflight. A missing file or a YAML syntax error is one line naming the file (and line and
+column).
 """
 
 from __future__ import annotations
@@ -13,36 +15,33 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+from hydra.core.config_search_path import ConfigSearchPath
 from hydra.core.object_type import ObjectType
-from hydra.core.plugins import Plugins
 from hydra.errors import ConfigCompositionException
 from hydra.plugins.config_source import ConfigResult, ConfigSource
-from omegaconf import OmegaConf
+from hydra.plugins.search_path_plugin import SearchPathPlugin
+from omegaconf import DictConfig, OmegaConf
 
-from qat.quant.recipe import Recipe
+from qat.quant.recipe import yaml_error
 
 GROUP = "recipe/"
 SUFFIXES = (".yaml", ".yml")
-SEARCH_PATH = "qat-recipe-file://"  # named in configs/train.yaml's hydra.searchpath
+SCHEME = "qat-recipe-file"
 
 
-def read_recipe_file(path: Path) -> dict:
-    """The validated mapping in a recipe file; `ValueError` naming file, line and column."""
+def read_recipe_file(path: Path) -> DictConfig:
+    """The mapping in a recipe file, read as Hydra reads configs (OmegaConf); `ValueError`
+    naming the file (and where) for a missing file, a syntax error or no mapping."""
     if not path.is_file():
         raise ValueError(f"recipe file {path} does not exist (recipe= takes a name from "
                          "configs/recipe/ or a path to a .yaml file)")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise ValueError(f"recipe file {where}: invalid YAML: {e.problem}") from None
+        data = OmegaConf.load(path)
     except yaml.YAMLError as e:
-        raise ValueError(f"recipe file {path}: invalid YAML: {e}") from None
-    try:
-        Recipe.from_dict(data)
-    except ValueError as e:
-        raise ValueError(f"recipe file {path}: {e}") from None
+        raise ValueError(f"recipe file {yaml_error(path, e)}") from None
+    if not isinstance(data, DictConfig) or not data:
+        raise ValueError(f"recipe file {path}: got {'an empty file' if not data else 'a list'}; "
+                         "a recipe is a mapping with rules (see configs/recipe/)")
     return data
 
 
@@ -51,13 +50,14 @@ class RecipeFileSource(ConfigSource):
 
     @staticmethod
     def scheme() -> str:
-        return SEARCH_PATH.split("://")[0]
+        return SCHEME
 
     @staticmethod
     def _file(config_path: str) -> Path | None:
         if not config_path.startswith(GROUP) or not config_path.endswith(SUFFIXES):
             return None
-        return Path(config_path[len(GROUP) :]).expanduser()
+        path = Path(config_path[len(GROUP) :]).expanduser()
+        return path if path.is_file() or "/" in config_path[len(GROUP) :] else None
 
     def is_config(self, config_path: str) -> bool:
         return self._file(config_path) is not None
@@ -77,14 +77,12 @@ class RecipeFileSource(ConfigSource):
             data = read_recipe_file(path)
         except ValueError as e:  # Hydra prints a compact exception as its message alone
             raise ConfigCompositionException(str(e)) from None
-        return ConfigResult(
-            config=OmegaConf.create(data or {}),
-            path=f"{SEARCH_PATH}{path.parent}",
-            provider="qat",
-            header={"package": None},
-        )
+        return ConfigResult(config=data, path=f"{SCHEME}://{path.parent}", provider="qat",
+                            header={"package": None})  # fmt: skip
 
 
-def register_recipe_files() -> None:
-    """Let Hydra resolve the search path entry `qat-recipe-file://` (idempotent)."""
-    Plugins.instance().register(RecipeFileSource)
+class RecipeSearchPath(SearchPathPlugin):
+    """Puts `RecipeFileSource` before the shipped configs, so an existing file wins."""
+
+    def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
+        search_path.prepend(provider="qat", path=f"{SCHEME}://")

@@ -22,10 +22,11 @@ from qat.io import write_json
 from qat.quant.calibrate import calibrate
 from qat.train.artifacts import export_trained, float_model_of, model_from_checkpoint
 from qat.train.callbacks import QATScheduleCallback
-from qat.train.checkpoint import load_checkpoint, model_state
+from qat.train.checkpoint import Checkpoint, check_meta, model_state
 from qat.train.console import calibration_batches, print_summary, quiet_libraries, say, stage_line
+from qat.train.model_spec import ModelSpec
 from qat.train.module import QATModule
-from qat.train.preflight import Job, ModelSpec, preflight
+from qat.train.preflight import Job, needs_teacher, preflight
 from qat.train.tasks import model_forward
 from qat.train.trainer import evaluate, fit, is_rank_zero
 
@@ -45,10 +46,6 @@ def make_module(job: Job, model: torch.nn.Module, dm: Any, meta: dict, **over: A
     )
 
 
-def _needs_teacher(job: Job) -> bool:
-    return job.objective == "embedding" or float(job.cfg.module.get("kd_weight", 0)) > 0
-
-
 def _evaluate(job: Job, stage: str, module: QATModule, dm: Any, sub: str = "") -> dict:
     start = time.perf_counter()
     metrics = evaluate(job.cfg, module, dm, job.out_dir / sub if sub else job.out_dir)
@@ -66,15 +63,16 @@ def train_float(
     model = spec.build()
     meta = {"task": job.objective, "model": spec.as_dict(), "recipe": None, "stage": "float"}
     steps, float_ckpt = int(cfg.float_stage.max_steps), None
-    if job.init_from is not None:
-        model.load_state_dict(model_state(load_checkpoint(job.init_from.path)))
+    if job.init_from is not None:  # the data's sizes are known now: check them too
+        check_meta(job.init_from.meta, {"task": job.objective, "model": spec.as_dict()})
+        model.load_state_dict(model_state(job.init_from.data))
         steps, float_ckpt = 0, str(job.init_from.path)
     # The embedding objective measures against the float model: here, a frozen copy of itself.
     teacher = copy.deepcopy(model) if job.objective == "embedding" else None
     module = make_module(job, model, dm, meta, lr=float(cfg.float_stage.lr), teacher=teacher)
     if steps > 0:
         fit(cfg, module, dm, job.out_dir / "float", "float", steps)
-        float_ckpt = str(job.out_dir / "float" / "checkpoints" / "last.ckpt")
+        float_ckpt = str((job.out_dir / "float" / "checkpoints" / "last.ckpt").resolve())
     metrics = _evaluate(job, "float", module, dm, "float") if is_rank_zero() else None
     return model, float_ckpt, metrics
 
@@ -83,8 +81,8 @@ def _resumed_float(job: Job, spec: ModelSpec) -> tuple[torch.nn.Module, str | No
     """The float model of a resumed run: the trained teacher when distilling."""
     model = spec.build()
     float_ckpt = job.resume.meta.get("float_checkpoint")
-    if _needs_teacher(job) and float_ckpt:
-        model.load_state_dict(model_state(load_checkpoint(float_ckpt)))
+    if needs_teacher(job.cfg) and float_ckpt:
+        model.load_state_dict(model_state(Checkpoint.open(float_ckpt).data))
     return model, float_ckpt
 
 
@@ -104,7 +102,7 @@ def train(job: Job) -> dict[str, Any]:
         results["float"] = job.resume.meta.get("float_metrics")
         float_model, float_ckpt = _resumed_float(job, spec)
     L.seed_everything(int(cfg.seed) + 1, workers=True, verbose=False)
-    teacher = copy.deepcopy(float_model) if _needs_teacher(job) else None
+    teacher = copy.deepcopy(float_model) if needs_teacher(job.cfg) else None
     model = qat.prepare(float_model, job.recipe)
     steps = int(cfg.trainer.max_steps)
     meta = {
@@ -123,15 +121,14 @@ def train(job: Job) -> dict[str, Any]:
         batches = calibration_batches(dm.train_dataloader(), n_cal, show)
         calibrate(model, batches, n_cal, forward=lambda m, b: model_forward(job.objective, m, b))
     callbacks = [QATScheduleCallback(sched, int(cfg.get("log_quant_every_n_steps", 50)))]
-    start = job.resume.global_step if job.resume else 0
-    ckpt = str(job.resume.path) if job.resume else None
-    fit(cfg, module, dm, out_dir, "qat", steps, ckpt, callbacks, start_step=start)
+    fit(cfg, module, dm, out_dir, "qat", steps, job.resume, callbacks)
     if not is_rank_zero():
         say("training done on this rank; rank 0 evaluates, exports and reports")
         return results
     results["qat"] = _evaluate(job, "qat", module, dm)
-    results["qat_checkpoint"] = str(out_dir / "checkpoints" / "last.ckpt")
-    outputs = {"checkpoint": results["qat_checkpoint"]}
+    last = out_dir / "checkpoints" / "last.ckpt"
+    results["qat_checkpoint"] = str(last) if last.is_file() else None  # none: no steps ran
+    outputs = {"checkpoint": str(last)} if last.is_file() else {}
     if cfg.export.get("enabled", True) and not job.recipe.is_float():
         int_model, results["artifacts"] = export_trained(job, model, dm)
         outputs.update({f: results["artifacts"][f] for f in job.formats})
@@ -158,7 +155,7 @@ def evaluate_command(job: Job) -> dict[str, Any]:
         }
     else:
         path, meta = job.checkpoint.path, job.checkpoint.meta
-        model = model_from_checkpoint(load_checkpoint(path))
+        model = model_from_checkpoint(job.checkpoint.data)
         model.apply(qat.quant.disable_observer)
         teacher = None
         if embedding:  # the float model the student was distilled from
@@ -176,7 +173,7 @@ def evaluate_command(job: Job) -> dict[str, Any]:
 
 def export_command(job: Job) -> dict[str, Any]:
     """`task=export ckpt_path=...`: export a training checkpoint into this run's dir."""
-    model = model_from_checkpoint(load_checkpoint(job.checkpoint.path))
+    model = model_from_checkpoint(job.checkpoint.data)
     dm = build_data(job.cfg)
     _, summary = export_trained(job, model, dm)
     summary["checkpoint"] = str(job.checkpoint.path)
@@ -197,7 +194,7 @@ def monitored_value(results: dict[str, Any], metric: str) -> float | None:
     return None
 
 
-COMMANDS = {"train": train, "eval": evaluate_command, "export": export_command}
+RUNNERS = {"train": train, "eval": evaluate_command, "export": export_command}
 
 
 def run(cfg: DictConfig | Job) -> dict[str, Any]:
@@ -205,5 +202,5 @@ def run(cfg: DictConfig | Job) -> dict[str, Any]:
     job = cfg if isinstance(cfg, Job) else preflight(cfg)
     quiet_libraries()
     torch.set_num_threads(job.threads)
-    return COMMANDS[job.command](job)
+    return RUNNERS[job.command](job)
 

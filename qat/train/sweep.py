@@ -15,10 +15,13 @@ from qat.io import atomic_write
 
 
 def collect(sweep_dir: Path) -> list[dict[str, Any]]:
+    """One row per job (`<experiment>/<job number>/metrics.json`), in job order."""
+    found = sweep_dir.glob("*/*/metrics.json")
     rows = []
-    for f in sorted(sweep_dir.glob("*/metrics.json"), key=lambda p: (len(p.parts), str(p))):
+    for f in sorted(found, key=lambda p: (int(p.parent.name), str(p))):
         r = json.loads(f.read_text())
-        row: dict[str, Any] = {"run": f.parent.name, "recipe": r.get("recipe")}
+        run = f"{f.parent.parent.name}/{f.parent.name}"
+        row: dict[str, Any] = {"run": run, "recipe": r.get("recipe")}
         for stage in ("float", "qat", "export"):
             for k, v in (r.get(stage) or {}).items():
                 row[f"{stage} {k}"] = v

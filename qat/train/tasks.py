@@ -11,6 +11,7 @@ import torchmetrics
 from torch import nn
 
 TASKS = ("classification", "causal_lm", "embedding")
+METRIC = {"classification": "acc", "causal_lm": "ppl", "embedding": "cosine"}  # per objective
 
 
 def check_task(task: str) -> str:
@@ -83,7 +84,7 @@ class TaskMetrics(nn.Module):
 
     @property
     def name(self) -> str:
-        return {"classification": "acc", "causal_lm": "ppl", "embedding": "cosine"}[self.task]
+        return METRIC[self.task]
 
     def update(
         self, out: torch.Tensor, batch: dict[str, Any], teacher_out: torch.Tensor | None

@@ -14,7 +14,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig
 
 from qat.io import WriteError, atomic_write
-from qat.train.checkpoint import load_checkpoint
+from qat.train.checkpoint import Checkpoint, load_checkpoint
+from qat.train.console import StepProgressBar
 from qat.train.data import set_stream_position, stream_loader
 from qat.train.module import QATModule
 
@@ -79,23 +80,29 @@ def is_rank_zero() -> bool:
     return rank_zero_only.rank == 0
 
 
+def _callback(node: DictConfig, out_dir: Path, stage: str) -> L.Callback:
+    """A configured callback, told where this stage's checkpoints go or what it is called."""
+    kind = hydra.utils.get_class(node._target_)
+    if issubclass(kind, ModelCheckpoint):
+        return hydra.utils.instantiate(node, dirpath=str(out_dir / "checkpoints"))
+    if issubclass(kind, StepProgressBar):
+        return hydra.utils.instantiate(node, stage=stage)
+    return hydra.utils.instantiate(node)
+
+
 def make_trainer(
     cfg: DictConfig, out_dir: Path, stage: str, max_steps: int, single: bool = False
 ) -> L.Trainer:
     """The configured Trainer; `single=True` for evaluation (one process even under DDP, no
     checkpoints, no progress bar: evaluation prints its own result)."""
-    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    callbacks = [_callback(c, out_dir, stage) for c in (cfg.get("callbacks") or {}).values()]
     if single:
         callbacks = [c for c in callbacks if not isinstance(c, (ModelCheckpoint, ProgressBar))]
     if not cfg.trainer.get("enable_progress_bar", True):  # the switch alone turns bars off
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    for cb in callbacks:
-        if isinstance(cb, ModelCheckpoint):
-            cb.dirpath = str(out_dir / "checkpoints")
-    loggers = [hydra.utils.instantiate(lg) for lg in (cfg.get("logger") or {}).values()]
-    for lg in loggers:
-        if hasattr(lg, "_name"):  # one log folder per stage: logs/float, logs/qat, ...
-            lg._name = f"{lg._name}/{stage}"
+    loggers = []
+    for lg in (cfg.get("logger") or {}).values():  # one log folder per stage: logs/float, ...
+        loggers.append(hydra.utils.instantiate(lg, name=f"{lg.get('name', 'logs')}/{stage}"))
     over: dict[str, Any] = {}
     if single:
         over = {"strategy": "auto", "devices": 1, "num_nodes": 1, "enable_progress_bar": False}
@@ -132,29 +139,27 @@ def fit(
     out_dir: Path,
     stage: str,
     max_steps: int,
-    ckpt_path: str | None = None,
+    resume: Checkpoint | None = None,
     extra_callbacks: tuple = (),
-    start_step: int = 0,
 ) -> L.Trainer:
     """Train `module` for `max_steps` optimizer steps (0: nothing to do, e.g. PTQ).
 
-    Resuming (`ckpt_path`, written at optimizer step `start_step`), the data stream
-    continues where that run left it.
+    Resuming from `resume`, the data stream continues where that run left it.
     """
     trainer = make_trainer(cfg, out_dir, stage, max_steps)
-    if max_steps == 0 and ckpt_path is None:
+    if max_steps == 0 and resume is None:
         return trainer
     trainer.callbacks.extend(extra_callbacks)
     loader = stream_loader(dm, int(cfg.seed))
-    if ckpt_path is not None:
+    if resume is not None:
         accumulate = int(cfg.trainer.get("accumulate_grad_batches") or 1)
-        set_stream_position(loader, start_step, accumulate)
+        set_stream_position(loader, resume.global_step, accumulate)
     val = dm.val_dataloader() if cfg.trainer.get("limit_val_batches", 1) != 0 else None
     trainer.fit(
         module,
         train_dataloaders=loader,
         val_dataloaders=val,
-        ckpt_path=ckpt_path,
+        ckpt_path=str(resume.path) if resume is not None else None,
         weights_only=True,
     )
     return trainer

@@ -161,7 +161,7 @@ def test_from_yaml_and_dictconfig(tmp_path):
     assert r.rules[0].specs["weight"] == {"bits": 3}
     assert Recipe.from_dict(OmegaConf.create(r.to_dict())) == r
     (tmp_path / "bad.yaml").write_text("rules: [\n")
-    with pytest.raises(ValueError, match=r"bad\.yaml is not valid YAML"):
+    with pytest.raises(ValueError, match=r"bad\.yaml:2:1: invalid YAML: expected the node"):
         Recipe.from_yaml(tmp_path / "bad.yaml")
     with pytest.raises(FileNotFoundError, match="missing.yaml does not exist"):
         Recipe.from_yaml(tmp_path / "missing.yaml")

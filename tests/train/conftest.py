@@ -11,8 +11,6 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
-from qat.train.recipe_files import register_recipe_files
-
 ROOT = Path(__file__).resolve().parents[2]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -38,7 +36,6 @@ def make_cfg(tmp_path, data_dir):
     """`make_cfg(overrides, name="run")` -> a composed config whose outputs go to tmp_path."""
 
     def _make(overrides: list[str], name: str = "run"):
-        register_recipe_files()
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
             cfg = compose("train", overrides=overrides, return_hydra_config=True)

@@ -54,11 +54,10 @@ def test_ddp_two_cpu_processes_keep_identical_scales(make_cfg, tmp_path, monkeyp
 
     real_fit = runmod.fit
 
-    def fit_with_check(
-        cfg, module, dm, out_dir, stage, max_steps, ckpt_path=None, extra_callbacks=(), **kw
-    ):
+    def fit_with_check(cfg, module, dm, out_dir, stage, max_steps, resume=None,
+                       extra_callbacks=()):  # fmt: skip
         extra = list(extra_callbacks) + ([ScalesAgree(str(report))] if stage == "qat" else [])
-        return real_fit(cfg, module, dm, out_dir, stage, max_steps, ckpt_path, extra, **kw)
+        return real_fit(cfg, module, dm, out_dir, stage, max_steps, resume, extra)
 
     monkeypatch.setattr(runmod, "fit", fit_with_check)
     res = run(cfg)

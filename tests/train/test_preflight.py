@@ -10,7 +10,8 @@ import torch
 from hydra.errors import ConfigCompositionException
 
 import qat.train.run as runmod
-from qat.train.preflight import STAND_IN_SIZE, preflight
+from qat.train.model_spec import STAND_IN_SIZE
+from qat.train.preflight import preflight
 from qat.train.run import run
 
 from .conftest import ROOT, TINY
@@ -39,8 +40,9 @@ BAD = [
      r"^recipe \(w4a4_lsq\): rules\[0\]\.weight\.bits: got 9; allowed: an integer from 2 to 8"),
     # A recipe that cannot fit the model: 5-wide groups on 8-channel convs.
     (["recipe.rules.0.weight.granularity=per_group", "+recipe.rules.0.weight.group_size=5"],
-     r"^recipe=w4a4_lsq on model cnn: .*group_size.*module 'conv1'|^recipe=w4a4_lsq on model "
-     r"cnn: .*group_size"),
+     r"^recipe=w4a4_lsq on model cnn: rules\[0\]\+rules\[1\]\.weight\.group_size: got 5; "
+     r"allowed: a "
+     r"divisor of the input size 9 .*\(module 'conv1', Conv2d\)"),
     (["+recipe.rules.0.match.names=[nothing.here]"],
      r"^recipe=w4a4_lsq on model cnn: rules\[0\]\.match: matches no quantizable module"),
     (["task=eval"], r"^task=eval needs ckpt_path=<checkpoint> \(or last\) or artifact=<dir>"),
@@ -62,8 +64,8 @@ def test_a_text_file_named_ckpt_is_named_as_such(make_cfg, no_data, tmp_path):
     text.write_text("these are my notes, not a checkpoint\n")
     for command in ("train", "eval", "export"):
         with pytest.raises(ValueError, match=r"^ckpt_path: checkpoint .*notes\.ckpt is "
-                           r"unreadable: it is a text file, not a checkpoint written by "
-                           r"torch\.save"):
+                           r"unreadable or truncated: it is a text file, not a checkpoint "
+                           r"written by torch\.save"):
             run(make_cfg(TINY + [f"task={command}", f"ckpt_path={text}"]))
 
 
@@ -94,18 +96,26 @@ def test_recipe_file_with_field_overrides(make_cfg, tmp_path):
     assert job.plan.quantized()[0].specs["weight"].bits == 6
 
 
-@pytest.mark.parametrize("text,message", [
-    ("rules:\n  - match: {types: [Linear]\n    weight: {bits: 8}\n",
-     r"^recipe file .*bad\.yaml:3:5: invalid YAML: expected ',' or '\}'"),
-    ("rules:\n  - match: {types: [Linear]}\n    weight: {bits: 9}\n",
-     r"^recipe file .*bad\.yaml: rules\[0\]\.weight\.bits: got 9; allowed"),
-    ("rules:\n  - match: {types: [Linear]}\n    wieght: {bits: 8}\n",
-     r"^recipe file .*bad\.yaml: rules\[0\]\.wieght: got 'wieght'; allowed: match, weight"),
-])
-def test_recipe_file_errors_name_the_file(make_cfg, tmp_path, text, message):
+def test_recipe_file_syntax_error_is_one_line_at_composition(make_cfg, tmp_path):
+    text = "rules:\n  - match: {types: [Linear]\n    weight: {bits: 8}\n"
     path = _write(tmp_path, "bad.yaml", text)
+    message = r"^recipe file .*bad\.yaml:3:5: invalid YAML: expected ',' or '\}'"
     with pytest.raises(ConfigCompositionException, match=message) as err:
         make_cfg(TINY + [f"recipe={path}"])
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("rules:\n  - match: {types: [Linear]}\n    weight: {bits: 9}\n",
+     r"^recipe \(.*bad\.yaml\): rules\[0\]\.weight\.bits: got 9; allowed"),
+    ("rules:\n  - match: {types: [Linear]}\n    wieght: {bits: 8}\n",
+     r"^recipe \(.*bad\.yaml\): rules\[0\]\.wieght: got 'wieght'; allowed: match, weight"),
+])
+def test_recipe_file_field_errors_name_the_file(make_cfg, no_data, tmp_path, text, message):
+    # Fields are checked after the command line's overrides, which can fix them.
+    path = _write(tmp_path, "bad.yaml", text)
+    with pytest.raises(ValueError, match=message) as err:
+        run(make_cfg(TINY + [f"recipe={path}"]))
     assert "\n" not in str(err.value)
 
 
@@ -135,3 +145,20 @@ def test_the_command_line_prints_one_line_and_the_trace_on_request(tmp_path):
     assert "Traceback" not in proc.stderr and not (tmp_path / "data").exists()
     full = _cli(["trainer.max_steps=-5"], tmp_path, HYDRA_FULL_ERROR="1")
     assert full.returncode == 1 and "Traceback" in full.stderr and "preflight.py" in full.stderr
+
+
+def test_a_file_of_ones_own_wins_over_a_shipped_recipe_of_the_same_name(make_cfg, tmp_path,
+                                                                         monkeypatch):
+    _write(tmp_path, "w8a8.yaml", "rules:\n  - match: {types: [Linear]}\n    weight: {bits: 6}\n")
+    monkeypatch.chdir(tmp_path)
+    job = preflight(make_cfg(TINY + ["recipe=w8a8.yaml"]))
+    assert [lp.specs["weight"].bits for lp in job.plan.quantized()] == [6]
+    shipped = preflight(make_cfg(TINY + ["recipe=w8a8"]))
+    assert len(shipped.plan.quantized()) == 7  # the name alone is the shipped recipe
+
+
+def test_preflight_imports_no_lightning():
+    code = ("import sys, qat.train.preflight, qat.train.recipe_files; "
+            "assert not [m for m in sys.modules if m.startswith(('lightning', 'pytorch_"
+            "lightning'))], 'lightning imported'")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)

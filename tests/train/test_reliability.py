@@ -43,7 +43,7 @@ def test_ckpt_path_last_skips_a_newer_torn_or_foreign_file(tmp_path, caplog):
         assert find_last_checkpoint(tmp_path) == good
     (line,) = [r.getMessage() for r in caplog.records]
     assert line.startswith("ckpt_path=last: skipped 2 newer unreadable checkpoint(s): ")
-    assert "notes.ckpt (it is a text file" in line and "s8.ckpt (truncated" in line
+    assert "notes.ckpt (it is a text file" in line and "s8.ckpt (it is truncated" in line
     good.unlink()
     with pytest.raises(FileNotFoundError, match=r"no checkpoints/last\.ckpt under .* that "
                        r"loads \(2 unreadable"):

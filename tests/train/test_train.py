@@ -4,8 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import qat.train.preflight as preflight_mod
-import qat.train.run as runmod
+import qat.train.checkpoint as checkpoint_mod
 from qat.train.checkpoint import load_checkpoint, model_state
 from qat.train.run import run
 
@@ -67,8 +66,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(make_cfg, monkeypatch):
         reads.append((Path(p), mmap))
         return load_checkpoint(p, mmap=mmap)
 
-    monkeypatch.setattr(runmod, "load_checkpoint", counted)
-    monkeypatch.setattr(preflight_mod, "load_checkpoint", counted)
+    monkeypatch.setattr(checkpoint_mod, "load_checkpoint", counted)
     run(cfg2)
     # Our code opens it once, tensors memory-mapped (preflight reads the metadata);
     # Lightning alone reads the weights.
