@@ -76,14 +76,19 @@ def differences(a: Any, b: Any, path: str = "") -> list[str]:
     return [] if a == b else [path]
 
 
-def straight(tmp: Path, data_dir: Path) -> dict[str, Any]:
+def straight(tmp: Path, data_dir: Path) -> tuple[dict[str, Any], float]:
+    """The uninterrupted run's final state, and how long it trained (from its checkpoint folder
+    appearing to its exit), so the kills can be drawn inside that window on any machine."""
     log = tmp / "straight"
-    proc = _run([], log, log / "digits_w4a4/runs/0", data_dir, stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE)  # fmt: skip
+    run_dir = log / "digits_w4a4/runs/0"
+    proc = _run([], log, run_dir, data_dir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    while not (run_dir / "checkpoints").is_dir() and proc.poll() is None:
+        time.sleep(0.005)
+    start = time.time()
     _, err = proc.communicate(timeout=600)
     if proc.returncode != 0:
         raise RuntimeError(f"the uninterrupted run failed: {err.decode()[-2000:]}")
-    return final_state(log)
+    return final_state(log), time.time() - start
 
 
 def _kill_when(proc: subprocess.Popen, ckpts: Path, mid_write: bool, delay: float) -> str:
@@ -106,13 +111,14 @@ def _kill_when(proc: subprocess.Popen, ckpts: Path, mid_write: bool, delay: floa
     return "finished before the kill"
 
 
-def trial(tmp: Path, data_dir: Path, reference: dict, mid_write: bool, seed: int) -> tuple:
+def trial(tmp: Path, data_dir: Path, reference: dict, mid_write: bool, seed: int,
+          window: float) -> tuple:
     """One kill and resume; returns (what happened, differing keys)."""
     log = tmp / f"trial{seed}"
     run_dir = log / "digits_w4a4/runs/killed"
     proc = _run([], log, run_dir, data_dir, stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL)  # fmt: skip
-    delay = random.Random(seed).uniform(0.0, 5.0)
+    delay = random.Random(seed).uniform(0.0, 0.9 * window)
     what = _kill_when(proc, run_dir / "checkpoints", mid_write, delay)
     torn = [p.name for p in (run_dir / "checkpoints").glob("*.ckpt")
             if not _loads(p)] if (run_dir / "checkpoints").is_dir() else []  # fmt: skip
@@ -142,11 +148,12 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        reference = straight(tmp, args.data_dir)
+        reference, window = straight(tmp, args.data_dir)
+        print(f"uninterrupted run: {window:.2f} s of training; kills drawn inside it", flush=True)
         same = mid = 0
         for i in range(args.trials):
             mid_write = i % 2 == 0  # every other trial aims at a checkpoint write
-            what, diffs = trial(tmp, args.data_dir, reference, mid_write, seed=i)
+            what, diffs = trial(tmp, args.data_dir, reference, mid_write, seed=i, window=window)
             same += not diffs
             mid += "being written" in what
             print(f"trial {i + 1}: {what}: "
