@@ -118,14 +118,14 @@ class TorchRunner:
 
 
 def int8_onnx(
-    model: nn.Module, recipe: str, calib: list[Inputs], names: list[str]
+    model: nn.Module, recipe: str, calib: list[Inputs], names: list[str], target: str = "any"
 ) -> tuple[Path, nn.Module]:
     """Prepare with `recipe`, calibrate on `calib`, convert, export: (path, integer model)."""
     model = qat.prepare(model, RECIPES / f"{recipe}.yaml")
     qat.quant.calibrate(model, calib, len(calib), forward=lambda m, b: m(*b))
     int_model = qat.convert(model.eval())
     path = Path(tempfile.mkdtemp()) / "model.onnx"
-    return export_onnx(int_model, calib[0], path, input_names=names), int_model
+    return export_onnx(int_model, calib[0], path, input_names=names, target=target), int_model
 
 
 def interleaved(sessions: list, feeds: dict, repeats: int) -> list[list[float]]:
@@ -177,6 +177,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seq-gpt", type=int, default=128)
     ap.add_argument("--seq-minilm", type=int, default=128)
+    ap.add_argument("--target", default="any", choices=("any", "vnni", "avx2"),
+                    help="export.onnx.target of the int8 file (vnni: int8 weights, VNNI CPUs)")
     ap.add_argument("--parity", action="store_true", help="exactness table instead of speed")
     args = ap.parse_args()
     import onnxruntime as ort
@@ -198,7 +200,7 @@ def main() -> None:
             names = ["input_ids", "attention_mask"] if name == "minilm" else ["input"]
             parity_rows(name, *table[name], names, g)
         return
-    print(f"recipe {args.recipe} for qat int8 (calibrated, target any); {args.repeats} "
+    print(f"recipe {args.recipe} for qat int8 (calibrated, target {args.target}); {args.repeats} "
           f"interleaved runs; CPU kernel family: {describe(cpu_family())}\n")
     print("| model | batch | input | fp32 ms | qat int8 ms | speed-up | ORT dynamic ms | speed-up"
           " | torch fp32 ms | torch dynamic ms | speed-up (vs torch fp32) |")
@@ -212,7 +214,7 @@ def main() -> None:
         # Idle ONNX Runtime threads stop spinning: they would steal the cores from torch's runs.
         quiet = {"session.intra_op.allow_spinning": "0"}
         with torch.no_grad():
-            qdq, _ = int8_onnx(build().eval(), args.recipe, calib, names)
+            qdq, _ = int8_onnx(build().eval(), args.recipe, calib, names, args.target)
             fp32 = fp32_onnx(build().eval(), calib[0], names)
             sessions = [
                 ort_session(fp32, args.threads, config=quiet),

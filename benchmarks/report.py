@@ -200,6 +200,19 @@ interleaved medians; the first line of its output names the CPU kernel family it
 
 {_md("onnx_speed.md")}
 
+On a CPU with AVX-512 VNNI, the same script with the default `target any` (uint8 weights on the
+u8u8 kernels, exact everywhere) and with `--target vnni` (int8 weights on the VNNI u8s8
+kernels: exact only on VNNI CPUs, the export gate refuses it elsewhere):
+`.venv/bin/python benchmarks/onnx_speed.py | tee benchmarks/results/onnx_speed_vnni_any.md`,
+`.venv/bin/python benchmarks/onnx_speed.py --target vnni | tee benchmarks/results/onnx_speed_vnni.md`
+
+{_md("onnx_speed_vnni_any.md")}
+
+{_md("onnx_speed_vnni.md")}
+
+A file for VNNI servers only is worth `export.onnx.target=vnni`: the u8u8 path that is exact
+everywhere gives up most of the int8 gain there (GPT small 0.97x against 1.22x at batch 32).
+
 ### 7. Deployment accuracy of the same int8 paths, from one trained float model
 
 `.venv/bin/python benchmarks/deploy_accuracy.py | tee benchmarks/results/deploy_accuracy.md`
