@@ -145,8 +145,8 @@ def parity_rows(name: str, build: Callable, make: Callable, names: list[str], g)
     """ONNX Runtime against the integer executor, w8a8 and w7a8 (see `qat.export.onnx.cpu`)."""
     from qat.export.onnx.cpu import emulate
     from qat.export.onnx.parity import onnx_parity_report
-    from qat.export.parity import as_tensor
-    from qat.export.report import TensorParity
+    from qat.export.parity.measure import as_tensor
+    from qat.export.parity.report import TensorParity
 
     for recipe in ("w8a8", "w7a8"):
         calib = [make(8, g) for _ in range(4)]

@@ -203,8 +203,8 @@ interleaved medians; the first line of its output names the CPU kernel family it
 On a CPU with AVX-512 VNNI, the same script with the default `target any` (uint8 weights on the
 u8u8 kernels, exact everywhere) and with `--target vnni` (int8 weights on the VNNI u8s8
 kernels: exact only on VNNI CPUs, the export gate refuses it elsewhere):
-`.venv/bin/python benchmarks/onnx_speed.py | tee benchmarks/results/onnx_speed_vnni_any.md`,
-`.venv/bin/python benchmarks/onnx_speed.py --target vnni | tee benchmarks/results/onnx_speed_vnni.md`
+`.venv/bin/python benchmarks/onnx_speed.py` (saved as `benchmarks/results/onnx_speed_vnni_any.md`)
+and `.venv/bin/python benchmarks/onnx_speed.py --target vnni` (`onnx_speed_vnni.md`)
 
 {_md("onnx_speed_vnni_any.md")}
 

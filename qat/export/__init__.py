@@ -11,13 +11,17 @@
 
 from qat.export.artifact import load, read_manifest, save
 from qat.export.convert import ConvertError, convert
-from qat.export.int_base import IntLayer
-from qat.export.int_layers import IntConv1d, IntConv2d, IntEmbedding, IntLinear
+from qat.export.integer import IntConv1d, IntConv2d, IntEmbedding, IntLayer, IntLinear
+from qat.export.integer.packing import pack_int4, unpack_int4
 from qat.export.manifest import FORMAT_VERSION, ArtifactError
-from qat.export.packing import pack_int4, unpack_int4
-from qat.export.parity import default_forward, parity_report
+from qat.export.parity import (
+    ParityError,
+    ParityReport,
+    TensorParity,
+    default_forward,
+    parity_report,
+)
 from qat.export.pipeline import export_model
-from qat.export.report import ParityError, ParityReport, TensorParity
 
 __all__ = [
     "FORMAT_VERSION",

@@ -25,9 +25,10 @@ from torch import nn
 
 from qat.export import manifest as mf
 from qat.export.manifest import ArtifactError
-from qat.export.report import ParityReport
+from qat.export.parity.report import ParityReport
 from qat.io import fsync_path, writing
 from qat.models import registry
+from qat.quant.provenance import record
 from qat.quant.recipe import Recipe
 from qat.quant.spec import QuantSpec
 
@@ -230,8 +231,8 @@ def _load(directory: Path) -> nn.Module:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
         raise ArtifactError(f"tensors do not fit the rebuilt model: {e}") from None
-    if manifest.get("recipe") is not None:
-        model.qat_recipe = Recipe.from_dict(manifest["recipe"])
-    model.qat_folded_bn = list(manifest["folded_bn"])
-    model.qat_float_bytes = (manifest.get("sizes") or {}).get("float32_state_dict_bytes")
+    recipe = manifest.get("recipe")
+    record(model, recipe=None if recipe is None else Recipe.from_dict(recipe),
+           folded_bn=tuple(manifest["folded_bn"]),
+           float_bytes=(manifest.get("sizes") or {}).get("float32_state_dict_bytes"))  # fmt: skip
     return model.eval()

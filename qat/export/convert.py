@@ -7,11 +7,12 @@ import copy
 import torch
 from torch import nn
 
-from qat.export.int_base import IntLayer
-from qat.export.int_layers import IntConv1d, IntConv2d, IntEmbedding, IntLinear
+from qat.export.integer import IntConv1d, IntConv2d, IntEmbedding, IntLinear
+from qat.export.integer.layer import IntLayer
 from qat.quant.bn_fold import QATConvBn1d, QATConvBn2d
 from qat.quant.fake_quant import FakeQuantizer
 from qat.quant.modules import QATConv1d, QATConv2d, QATEmbedding, QATLinear, QATMixin
+from qat.quant.provenance import provenance, record
 
 
 class ConvertError(ValueError):
@@ -145,7 +146,7 @@ def convert(model: nn.Module) -> nn.Module:
         >>> type(convert(m.eval())[0]).__name__
         'IntLinear'
     """
-    if getattr(model, "qat_recipe", None) is None:
+    if provenance(model).recipe is None:
         raise ConvertError(
             f"{type(model).__name__} is not prepared for QAT; call qat.prepare(model, recipe) "
             "and train (or calibrate) it before qat.convert"
@@ -156,8 +157,8 @@ def convert(model: nn.Module) -> nn.Module:
     int_model = copy.deepcopy(model, memo)
     for name, new in new_layers.items():
         _set(int_model, name, new)  # also where deepcopy met the layer under another name
-    int_model.qat_float_bytes = float32_state_bytes(model)
-    plan = getattr(model, "qat_plan", None)
+    plan = provenance(model).plan
     # BatchNorms folded or merged into a conv: Identity in the model, BatchNorm in a fresh build.
-    int_model.qat_folded_bn = [lp.bn for lp in plan.quantized() if lp.bn] if plan else []
+    folded = tuple(lp.bn for lp in plan.quantized() if lp.bn) if plan else ()
+    record(int_model, float_bytes=float32_state_bytes(model), folded_bn=folded)
     return int_model.eval()

@@ -15,8 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from qat.export.int_base import IntLayer
-from qat.export.int_layers import IntConv1d, IntConv2d, IntEmbedding, IntLinear
+from qat.export.integer import IntConv1d, IntConv2d, IntEmbedding, IntLinear
+from qat.export.integer.layer import IntLayer
+from qat.quant.provenance import provenance
 
 FORMAT = "qat-int-artifact"
 FORMAT_VERSION = 1
@@ -66,28 +67,30 @@ def build_manifest(
     model: nn.Module, tensors: dict[str, torch.Tensor], weights_bytes: int, sha256: str
 ) -> dict[str, Any]:
     """The manifest of `model` (an integer model) whose `tensors` were written to the file."""
-    name = getattr(model, "builder_name", None)
+    origin = provenance(model)
+    name = origin.builder
     if name is None:
         raise ArtifactError(
-            f"{type(model).__name__} has no builder_name, so a loader could not rebuild it; "
+            f"{type(model).__name__} has no builder in its provenance, so a loader could not "
+            "rebuild it; "
             "build the model with qat.models.registry.build_model(name, **args)"
         )
-    recipe = getattr(model, "qat_recipe", None)
+    recipe = origin.recipe
     layers = {}
     for lname, mod in model.named_modules():
         if isinstance(mod, IntLayer):
             cfg = mod.layer_config()
             cfg["tensors"] = sorted(k for k in tensors if k.startswith(f"{lname}."))
             layers[lname] = cfg
-    float_bytes = getattr(model, "qat_float_bytes", None)
+    float_bytes = origin.float_bytes
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "weights": {"file": WEIGHTS_FILE, "sha256": sha256, "bytes": weights_bytes},
-        "builder": {"name": name, "args": getattr(model, "build_args", {})},
+        "builder": {"name": name, "args": origin.build_args},
         "recipe": recipe.to_dict() if recipe is not None else None,
         "layers": layers,
-        "folded_bn": list(getattr(model, "qat_folded_bn", [])),
+        "folded_bn": list(origin.folded_bn),
         "tensors": {
             k: {"dtype": dtype_name(t.dtype), "shape": list(t.shape)} for k, t in tensors.items()
         },

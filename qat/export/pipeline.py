@@ -11,8 +11,8 @@ from torch import nn
 
 from qat.export.artifact import save
 from qat.export.convert import convert
-from qat.export.parity import Forward, parity_report
-from qat.export.report import ParityReport
+from qat.export.parity.measure import Forward, parity_report
+from qat.export.parity.report import ParityReport
 
 
 def export_model(

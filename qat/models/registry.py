@@ -9,6 +9,8 @@ from typing import Any
 
 from torch import nn
 
+from qat.quant.provenance import record
+
 Builder = Callable[..., nn.Module]
 
 _BUILDERS: dict[str, Builder] = {}
@@ -55,12 +57,11 @@ def _check_json_kwargs(name: str, kwargs: dict[str, Any]) -> None:
 
 
 def build_model(name: str, **kwargs: Any) -> nn.Module:
-    """Build the registered model ``name``; the kwargs are recorded as ``model.build_args``."""
+    """Build the registered model ``name``; name and kwargs go into its `Provenance`."""
     _load_builtins()
     if name not in _BUILDERS:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(_BUILDERS))}")
     _check_json_kwargs(name, kwargs)
     model = _BUILDERS[name](**kwargs)
-    model.builder_name = name
-    model.build_args = dict(kwargs)
+    record(model, builder=name, build_args=dict(kwargs))
     return model

@@ -20,6 +20,7 @@ class QATMixin:
     weight_quant: FakeQuantizer | None
     input_quant: FakeQuantizer | None
     output_quant: FakeQuantizer | None
+    qat_name: str  # the layer's module path, for error messages
     FLOAT_TYPE: type[nn.Module]
     # Input granularities the integer layer can factor out of its dot products.
     INTEGER_INPUTS: tuple[str, ...] = ("per_tensor",)

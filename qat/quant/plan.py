@@ -39,6 +39,8 @@ class Plan:
     recipe: Recipe
     layers: list[LayerPlan]
     bn_pairs: dict[str, str] = field(default_factory=dict)  # conv name -> bn name
+    # Modules holding a matrix or kernel that no fake-quant class covers: they stay float.
+    unquantizable: dict[str, str] = field(default_factory=dict)  # name -> type
 
     def quantized(self) -> list[LayerPlan]:
         return [lp for lp in self.layers if lp.quantized]
@@ -53,16 +55,27 @@ class Plan:
             and spec.observer == "mse"
             and not spec.dynamic
         ]
+        out = [self.float_note()] if self.unquantizable else []
         if not mse:
-            return []
+            return out
         static = sum(1 for _, spec in mse if spec.learn == "none")
         during = f"; {static} of them static, so also every training step until " \
             "schedule.freeze_observers" if static else ""
-        return [
+        return out + [
             f"cost: {len(mse)} activation quantizers use the mse observer, ~{MSE_CANDIDATES}x "
             f"the work of ema/minmax per calibration batch ({MSE_CANDIDATES} grids on up to "
             f"{MSE_MAX_SAMPLES:,} values each){during}; on a language model prefer ema"
         ]
+
+    def float_note(self) -> str:
+        """One line naming the modules whose weights no fake-quant class covers."""
+        by_type: dict[str, list[str]] = {}
+        for name, kind in self.unquantizable.items():
+            by_type.setdefault(kind, []).append(name)
+        parts = [f"{kind} ({', '.join(names[:3])}{' ...' if len(names) > 3 else ''})"
+                 for kind, names in by_type.items()]  # fmt: skip
+        return (f"not quantizable, stays float: {len(self.unquantizable)} module(s) of type "
+                + "; ".join(parts))
 
     def summary(self) -> str:
         """One line per distinct setting: how many modules got it (a long plan, short)."""
@@ -98,6 +111,23 @@ class Plan:
         n = len(self.quantized())
         notes = "".join(f"{line}\n" for line in self.notes())
         return buf.getvalue() + f"{n} of {len(self.layers)} quantizable modules quantized\n" + notes
+
+
+def find_unquantizable(model: nn.Module) -> dict[str, str]:
+    """Modules that hold a matrix or kernel (a parameter of 2+ dims, directly) but that no
+    fake-quant class covers, name -> type: what a plan must show stays float.
+
+    Example:
+        >>> m = nn.Sequential(nn.Linear(4, 4), nn.ConvTranspose2d(2, 2, 3), nn.LayerNorm(4))
+        >>> find_unquantizable(m)
+        {'1': 'ConvTranspose2d'}
+    """
+    return {
+        name: type(mod).__name__
+        for name, mod in model.named_modules()
+        if qat_class_for(mod) is None
+        and any(p.ndim >= 2 for p in mod.parameters(recurse=False))
+    }
 
 
 def find_conv_bn_pairs(model: nn.Module) -> dict[str, str]:
@@ -180,6 +210,7 @@ def plan(model: nn.Module, recipe: Recipe | dict | str, verbose: bool = False) -
     """
     recipe = as_recipe(recipe)
     quantizable = [(n, m) for n, m in model.named_modules() if n and qat_class_for(m) is not None]
+    unquantizable = find_unquantizable(model)
     hits: dict[str, list] = {n: [] for n, _ in quantizable}
     for rule in recipe.rules:
         matched = [n for n, m in quantizable if rule.matches(n, m)]
@@ -191,9 +222,13 @@ def plan(model: nn.Module, recipe: Recipe | dict | str, verbose: bool = False) -
             names = ", ".join(n for n, _ in quantizable[:12]) + (
                 " ..." if len(quantizable) > 12 else ""
             )
+            floats = [n for n in unquantizable if rule.matches(n, model.get_submodule(n))]
+            also = (f"; it matches {len(floats)} module(s) no fake-quant class covers "
+                    f"({', '.join(floats[:3])}: {type(model.get_submodule(floats[0])).__name__})"
+                    if floats else "")  # fmt: skip
             raise ValueError(
                 f"rules[{rule.index}].match: matches no quantizable module "
-                f"(names={rule.names}, types={rule.types}); "
+                f"(names={rule.names}, types={rule.types}){also}; "
                 f"quantizable modules: {names or 'none'}. "
                 "Fix the match or add `optional: true` to the rule."
             )
@@ -218,7 +253,7 @@ def plan(model: nn.Module, recipe: Recipe | dict | str, verbose: bool = False) -
         if lp.quantized and name in pairs:
             lp.bn = pairs[name]
         layers.append(lp)
-    result = Plan(recipe, layers, {lp.name: lp.bn for lp in layers if lp.bn})
+    result = Plan(recipe, layers, {lp.name: lp.bn for lp in layers if lp.bn}, unquantizable)
     if verbose:
         print(result)
     return result

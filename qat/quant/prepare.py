@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
 from qat.quant.bn_fold import CONV_BN_CLASSES, merge_bn
 from qat.quant.modules import QATMixin, qat_class_for
 from qat.quant.plan import Plan, plan
+from qat.quant.provenance import provenance, record
 from qat.quant.recipe import Recipe
 
 
@@ -16,7 +19,7 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def is_prepared(model: nn.Module) -> bool:
-    return getattr(model, "qat_recipe", None) is not None or any(
+    return provenance(model).recipe is not None or any(
         isinstance(m, QATMixin) for m in model.modules()
     )
 
@@ -26,7 +29,7 @@ def prepare(model: nn.Module, recipe: Recipe | dict | str) -> nn.Module:
 
     Parameters are shared with the float layers, so an optimizer built before `prepare` keeps
     working. BatchNorm after a quantized conv is folded (simulated, `bn: fold`), merged into the
-    conv now (`merge`) or left alone (`keep`). The recipe is kept as `model.qat_recipe`.
+    conv now (`merge`) or left alone (`keep`). The recipe and plan go into the model's `Provenance`.
 
     Example:
         >>> import qat
@@ -42,6 +45,8 @@ def prepare(model: nn.Module, recipe: Recipe | dict | str) -> nn.Module:
             "(or load its state_dict into one prepared with the same recipe)"
         )
     result: Plan = plan(model, recipe)
+    if result.unquantizable:
+        warnings.warn(result.float_note(), stacklevel=2)
     for lp in result.quantized():
         mod = model.get_submodule(lp.name)
         cls = qat_class_for(mod)
@@ -58,6 +63,5 @@ def prepare(model: nn.Module, recipe: Recipe | dict | str) -> nn.Module:
             new = cls.from_float(mod, **specs, name=lp.name)
         new.train(mod.training)
         _set(model, lp.name, new)
-    model.qat_recipe = result.recipe
-    model.qat_plan = result
+    record(model, recipe=result.recipe, plan=result)
     return model

@@ -13,6 +13,7 @@ import qat
 from qat.export import ArtifactError, IntLayer, convert, read_manifest
 from qat.export import artifact as artifact_mod
 from qat.models.registry import build_model
+from qat.quant.provenance import provenance
 
 from .helpers import LLAMA, recipe, trained
 
@@ -44,7 +45,7 @@ def test_round_trip_runs_bit_identically(tmp_path, kind, name):
     with torch.no_grad():
         for b in batches:
             assert torch.equal(loaded(b), int_model(b))
-    assert loaded.qat_recipe.to_dict() == model.qat_recipe.to_dict()
+    assert provenance(loaded).recipe.to_dict() == provenance(model).recipe.to_dict()
     assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "weights.safetensors"]
 
 
@@ -55,7 +56,7 @@ def test_manifest_records_everything_needed(tmp_path, gpt_int):
     m = json.loads((path / "manifest.json").read_text())
     digest = hashlib.sha256((path / "weights.safetensors").read_bytes()).hexdigest()
     assert m["format_version"] == qat.export.FORMAT_VERSION and m["weights"]["sha256"] == digest
-    assert m["builder"] == {"name": "gpt", "args": int_model.build_args}
+    assert m["builder"] == {"name": "gpt", "args": provenance(int_model).build_args}
     assert m["recipe"]["rules"][0]["weight"]["group_size"] == 32
     assert {"qat", "torch", "safetensors", "python"} <= set(m["versions"])
     q = m["layers"]["blocks.0.attn.q_proj"]
@@ -209,7 +210,7 @@ def test_model_without_a_builder_cannot_be_saved(tmp_path):
     cfg = transformers.LlamaConfig(**{k: v for k, v in LLAMA.items() if k != "model_type"})
     model = transformers.LlamaForCausalLM(cfg)
     int_model = _calibrated(model, recipe("w8"), torch.randint(0, 100, (1, 4)))
-    with pytest.raises(ArtifactError, match="no builder_name.*build_model"):
+    with pytest.raises(ArtifactError, match="no builder in its provenance.*build_model"):
         qat.save(int_model, tmp_path / "x")
     assert list(tmp_path.iterdir()) == []
 

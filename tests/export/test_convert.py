@@ -11,6 +11,7 @@ from qat.export import ConvertError, IntConv2d, IntEmbedding, IntLayer, convert,
 from qat.models.registry import build_model
 from qat.quant import disable_fake_quant
 from qat.quant.modules import QATMixin
+from qat.quant.provenance import provenance
 
 from .helpers import recipe, trained
 
@@ -36,8 +37,9 @@ def test_convert_leaves_the_fake_quant_model_alone_and_keeps_its_identity():
     assert not any(isinstance(m, QATMixin) for m in int_model.modules())
     n_int = sum(isinstance(m, IntLayer) for m in int_model.modules())
     assert n_int == sum(isinstance(m, QATMixin) for m in model.modules()) == 16
-    assert int_model.builder_name == "gpt" and int_model.build_args == model.build_args
-    assert int_model.qat_recipe.to_dict() == model.qat_recipe.to_dict()
+    origin = provenance(int_model)
+    assert origin.builder == "gpt" and origin.build_args == provenance(model).build_args
+    assert provenance(int_model).recipe.to_dict() == provenance(model).recipe.to_dict()
     assert not int_model.training
 
 
@@ -45,8 +47,9 @@ def test_fold_exports_exactly_the_folded_weights_training_quantized():
     model, _ = trained("cnn", recipe("w8a8", bn="fold"))
     int_model = convert(model)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in int_model.modules())
-    assert int_model.qat_folded_bn == ["bn1", "blocks.0.bn1", "blocks.0.bn2", "blocks.1.bn1",
-                                       "blocks.1.bn2", "blocks.1.shortcut.1"]  # fmt: skip
+    assert list(provenance(int_model).folded_bn) == [
+        "bn1", "blocks.0.bn1", "blocks.0.bn2", "blocks.1.bn1", "blocks.1.bn2",
+        "blocks.1.shortcut.1"]  # fmt: skip
     qconv, iconv = model.blocks[1].conv1, int_model.blocks[1].conv1
     assert isinstance(iconv, IntConv2d)
     with torch.no_grad():
@@ -58,7 +61,7 @@ def test_keep_leaves_a_float_batchnorm_after_the_integer_conv():
     model, _ = trained("cnn", recipe("w8a8", bn="keep"))
     int_model = convert(model)
     assert isinstance(int_model.conv1, IntConv2d) and isinstance(int_model.bn1, nn.BatchNorm2d)
-    assert int_model.qat_folded_bn == []
+    assert list(provenance(int_model).folded_bn) == []
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from qat.export.onnx.cpu import (
     pair_saturated_matmul,
 )
 from qat.export.onnx.parity import gate_onnx, onnx_parity, onnx_parity_report
-from qat.export.report import ParityError
+from qat.export.parity.report import ParityError
 
 from .helpers import recipe, trained
 
@@ -69,7 +69,7 @@ def _weight_dq(model, layer):
 
 def _outputs(int_model, batches):
     with torch.no_grad():
-        return [qat.export.parity.as_tensor(int_model(b)) for b in batches]
+        return [qat.export.parity.measure.as_tensor(int_model(b)) for b in batches]
 
 
 def _assert_exact(int_model, path, batches, target="any"):

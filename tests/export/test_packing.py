@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qat.export import pack_int4, unpack_int4
-from qat.export.int_layers import integer_matmul
+from qat.export.integer import integer_matmul
 
 
 def test_nibble_order_is_low_then_high_with_twos_complement():

@@ -5,6 +5,7 @@ import torch.fx
 from torch import nn
 
 from qat.models import DigitsResNet, build_model
+from qat.quant.provenance import provenance
 
 
 def test_logits_shape_and_config():
@@ -12,7 +13,8 @@ def test_logits_shape_and_config():
     assert isinstance(model, DigitsResNet)
     assert model(torch.randn(5, 1, 8, 8)).shape == (5, 7)
     assert model.config.widths == [8, 16, 32]
-    assert model.build_args == {"widths": [8, 16, 32], "blocks_per_stage": 2, "num_classes": 7}
+    args = provenance(model).build_args
+    assert args == {"widths": [8, 16, 32], "blocks_per_stage": 2, "num_classes": 7}
 
 
 def test_every_conv_feeds_only_its_batchnorm_in_the_fx_graph():

@@ -6,6 +6,7 @@ import pytest
 from torch import nn
 
 from qat.models import build_model, model_names, register
+from qat.quant.provenance import provenance
 
 
 def test_builtin_names():
@@ -28,9 +29,9 @@ def test_arguments_must_be_json_primitives():
 
 def test_build_args_round_trip_through_json():
     model = build_model("gpt", preset="tiny", vocab_size=50, block_size=16, tie_weights=True)
-    assert model.builder_name == "gpt"
-    args = json.loads(json.dumps(model.build_args))
-    again = build_model(model.builder_name, **args)
+    assert provenance(model).builder == "gpt"
+    args = json.loads(json.dumps(provenance(model).build_args))
+    again = build_model(provenance(model).builder, **args)
     assert again.config == model.config
 
 

@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qat.export.int_base import IntLayer
-from qat.export.int_layers import IntLinear
+from qat.export.integer import IntLinear
+from qat.export.integer.layer import IntLayer
 
 FAMILIES = ("vnni", "avx2")
 TARGETS = ("any", "vnni", "avx2")

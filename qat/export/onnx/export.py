@@ -36,10 +36,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from qat.export.int_base import IntLayer
+from qat.export.integer.layer import IntLayer
 from qat.export.onnx import cpu
 from qat.export.onnx import graph as onnx_graph
-from qat.export.onnx.layers import STATE, OnnxLayer
+from qat.export.onnx.layers import OnnxLayer
 from qat.io import atomic_write
 from qat.quant.modules import QATMixin
 
@@ -144,8 +144,6 @@ def _swapped(root: _Positional, target: str) -> Iterator[dict[str, OnnxLayer]]:
         if id(m) not in wrappers:
             name = path.removeprefix(ROOT).removeprefix(".")
             wrappers[id(m)] = OnnxLayer(m, name, cpu.shifted_weights(m, target))
-    STATE.layers = {w.name: w for w in wrappers.values()}
-    STATE.calls = {}
 
     def put(path: str, mod: nn.Module) -> None:
         parent, _, child = path.rpartition(".")
@@ -154,11 +152,10 @@ def _swapped(root: _Positional, target: str) -> Iterator[dict[str, OnnxLayer]]:
     try:
         for path, m in paths:
             put(path, wrappers[id(m)])
-        yield STATE.layers
+        yield {w.name: w for w in wrappers.values()}
     finally:
         for path, m in paths:
             put(path, m)
-        STATE.layers, STATE.calls = {}, {}
 
 
 @torch.no_grad()

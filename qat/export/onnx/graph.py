@@ -6,7 +6,7 @@
   `Identity` nodes; small ones get their own named copy back (readable, per-layer qparams).
 - `share_quantizers`: one QuantizeLinear per tensor and quantization grid.
 - `to_int4`: group-wise 4-bit weights are exported as int8 codes and become INT4/UINT4 here
-  (ONNX packs two per byte, element `2i` in the low nibble, as `qat.export.packing` does).
+  (ONNX packs two per byte, element `2i` in the low nibble, as `qat.export.integer.packing` does).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from qat.export.packing import pack_int4
+from qat.export.integer.packing import pack_int4
 
 TAP_ATTR = "qat_tap"
 TAPS_KEY = "qat.taps"

@@ -9,14 +9,13 @@ integer zero points. Its forward is `_IntOp.apply`, whose `forward` runs the int
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from qat.export.int_base import IntLayer
-from qat.export.int_layers import IntConv1d, IntConv2d, IntEmbedding, IntLinear
+from qat.export.integer import IntConv1d, IntConv2d, IntEmbedding, IntLinear
+from qat.export.integer.layer import IntLayer
 from qat.export.onnx import ops
 from qat.quant.spec import QuantSpec
 
@@ -24,17 +23,6 @@ ARGS = ("weight_q", "weight", "weight_scale", "weight_zero_point", "bias",
         "input_scale", "input_zero_point", "output_scale", "output_zero_point")  # fmt: skip
 # padding_mode -> ONNX Pad mode
 _PAD_MODES = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}
-
-
-@dataclass
-class _Export:
-    """What the `symbolic` of the layers being exported needs beyond their tensors."""
-
-    layers: dict[str, OnnxLayer] = field(default_factory=dict)
-    calls: dict[str, int] = field(default_factory=dict)  # symbolic calls per layer so far
-
-
-STATE = _Export()
 
 
 def int4_packed(spec: QuantSpec | None) -> bool:
@@ -91,6 +79,7 @@ class OnnxLayer(nn.Module):
             self.register_buffer(key, t)
         self.arg_names = [k for k in ARGS if k in tensors]
         self.int4 = int4_packed(ws) and not isinstance(layer, IntEmbedding)
+        self.calls = 0  # symbolic calls so far: a layer called twice has two taps per role
 
     def _weight(self, layer: IntLayer, ws: QuantSpec) -> dict[str, torch.Tensor]:
         codes = layer.int_weight().to(torch.int8 if ws.symmetric else torch.uint8)
@@ -115,28 +104,26 @@ class OnnxLayer(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _IntOp.apply(self.name, x, *[getattr(self, k) for k in self.arg_names])
+        return _IntOp.apply(self, x, *[getattr(self, k) for k in self.arg_names])
 
 
 class _IntOp(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, name: str, x: torch.Tensor, *tensors: Any) -> torch.Tensor:
+    def forward(ctx: Any, mod: OnnxLayer, x: torch.Tensor, *tensors: Any) -> torch.Tensor:
         # The tracer would record the executor's ops too: the symbolic replaces them anyway.
         state = torch._C._get_tracing_state()
         torch._C._set_tracing_state(None)
         try:
-            return STATE.layers[name].layer(x)
+            return mod.layer(x)
         finally:
             torch._C._set_tracing_state(state)
 
     @staticmethod
-    def symbolic(g: Any, name: str, x: Any, *tensors: Any) -> Any:
-        mod = STATE.layers[name]
-        call = STATE.calls.get(name, 0)
-        STATE.calls[name] = call + 1
+    def symbolic(g: Any, mod: OnnxLayer, x: Any, *tensors: Any) -> Any:
+        call, mod.calls = mod.calls, mod.calls + 1
         t = dict.fromkeys(ARGS)
         t.update(zip(mod.arg_names, tensors, strict=True))
-        return _layer_graph(g, mod, x, t, f"{name}|{{}}|{call}")
+        return _layer_graph(g, mod, x, t, f"{mod.name}|{{}}|{call}")
 
 
 def _act(g: Any, mod: OnnxLayer, x: Any, t: dict, role: str, key: str) -> Any:

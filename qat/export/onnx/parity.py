@@ -1,6 +1,6 @@
 """The parity gate for the ONNX target: ONNX Runtime against the integer executor.
 
-    report = onnx_parity_report(int_model, "model.onnx", batches)   # per-layer, like parity.py
+    report = onnx_parity_report(int_model, "model.onnx", batches)   # per-layer, like parity_report
     report.check()                                                  # ParityError if exceeded
     onnx_parity(int_model, "model.onnx", batches)                   # the same, as a dict
 
@@ -8,7 +8,7 @@ Both compute the same integer codes from the same fp32 input, but the fp32 value
 quantizers differ in the last bits (ONNX Runtime's integer kernels apply `s_x * s_w` in fp32, a
 conv feeding a quantizer directly becomes QLinearConv and requantizes in fixed point, and its
 LayerNorm, Softmax and pooling kernels sum in another order). A value within that distance of a
-rounding boundary is then quantized to neighbouring codes, exactly the ties `qat.export.parity`
+rounding boundary is then quantized to neighbouring codes, exactly the ties `parity.measure`
 describes. So the gate works the same way:
 
 - *free running*: the exported model, as deployed, against the integer executor;
@@ -30,12 +30,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from qat.export.int_base import IntLayer
+from qat.export.integer.layer import IntLayer
 from qat.export.onnx import cpu
 from qat.export.onnx import graph as onnx_graph
 from qat.export.onnx.export import TARGET_KEY, ort_session, require_onnx
-from qat.export.parity import _Aligner, as_tensor
-from qat.export.report import ParityError, ParityReport, TensorParity
+from qat.export.parity import (
+    Aligner,
+    ParityError,
+    ParityReport,
+    Recorder,
+    TensorParity,
+    aligned,  # fmt: skip
+    as_tensor,
+    compare_layers,
+)
 
 
 @dataclass
@@ -66,24 +74,6 @@ def _taps_by_layer(taps: dict[str, str], values: dict[str, np.ndarray]) -> dict:
         layer, role, call = key.split("|")
         out.setdefault((layer, role), []).append((int(call), torch.from_numpy(values[name])))
     return {k: [t for _, t in sorted(v, key=lambda c: c[0])] for k, v in out.items()}
-
-
-class _Recorder:
-    """Forward hooks collecting every integer layer's outputs, per call."""
-
-    def __init__(self, model: nn.Module, names: list[str]) -> None:
-        self.outs: dict[str, list[torch.Tensor]] = {}
-        self.handles = [model.get_submodule(n).register_forward_hook(self._hook(n)) for n in names]
-
-    def _hook(self, name: str) -> Any:
-        def hook(_mod: nn.Module, _args: Any, out: torch.Tensor) -> None:
-            self.outs.setdefault(name, []).append(out.detach())
-
-        return hook
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
 
 
 @torch.no_grad()
@@ -150,29 +140,15 @@ def _aligned_batch(
     """The executor with ONNX Runtime's ties; per-layer and output errors into `report`."""
     mods = {id(int_model.get_submodule(n)): n for n in layer_names}
     quant_in = {k: v for k, v in by_layer.items() if k[1] in ("input", "output")}
-    aligner = _Aligner(quant_in, mods, report.tie_tolerance)
-    recorder = _Recorder(int_model, layer_names)
-    for n in layer_names:
-        int_model.get_submodule(n).align_act = aligner if report.tie_tolerance > 0 else None
-    try:
+    aligner = Aligner(quant_in, mods, report.tie_tolerance) if report.tie_tolerance > 0 else None
+    with aligned(int_model, layer_names, aligner), Recorder(int_model, layer_names) as rec:
         out = as_tensor(int_model(*batch))
-    finally:
-        recorder.remove()
-        for n in layer_names:
-            int_model.get_submodule(n).align_act = None
     report.output.add(out, torch.from_numpy(onnx_out), rows=True)
-    for n in layer_names:
-        refs, outs = by_layer.get((n, "out"), []), recorder.outs.get(n, [])
-        if len(refs) != len(outs):
-            raise ValueError(
-                f"{n} ran {len(outs)} time(s) in the integer model but {len(refs)} in ONNX "
-                "Runtime on the same batch (a layer called in Python control flow the trace "
-                "did not follow?)"
-            )
-        for r, o in zip(refs, outs, strict=True):
-            report.layers[layer_names.index(n)].add(o, r)
-    report.aligned += aligner.aligned
-    report.max_tie_distance = max(report.max_tie_distance, aligner.max_distance)
+    onnx_outs = {n: by_layer.get((n, "out"), []) for n in layer_names}
+    compare_layers(report, rec.outs, onnx_outs, ("the integer model", "ONNX Runtime"))
+    if aligner is not None:
+        report.aligned += aligner.aligned
+        report.max_tie_distance = max(report.max_tie_distance, aligner.max_distance)
 
 
 def onnx_parity(

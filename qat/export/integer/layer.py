@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qat.export import packing
+from qat.export.integer import packing
 from qat.quant import grid
 from qat.quant.spec import QuantSpec, check_integer_layout
 
@@ -48,7 +48,7 @@ class IntLayer(nn.Module):
         bias: bool,
     ) -> None:
         self.weight_shape = tuple(weight_shape)
-        # Parity runs set this to align rounding ties with the reference (see `parity.py`).
+        # Parity runs set this to align rounding ties with the reference (`parity.align`).
         self.align_act = None
         self.weight_spec, self.input_spec, self.output_spec = weight_spec, input_spec, output_spec
         ws = weight_spec

@@ -23,9 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from qat.export.int_base import IntLayer
-from qat.export.report import ParityError, ParityReport, TensorParity
-from qat.quant import grid
+from qat.export.integer.layer import IntLayer
+from qat.export.parity.align import Aligner, aligned
+from qat.export.parity.compare import Recorder, compare_layers
+from qat.export.parity.report import ParityReport, TensorParity
 from qat.quant.fake_quant import FakeQuantizer
 
 Forward = Callable[[nn.Module, Any], Any]
@@ -81,68 +82,22 @@ def _full_fp32() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
-class _Aligner:
-    """`IntLayer.align_act`: decides rounding ties the way the reference's quantizer did."""
+def _quantizer_inputs(model: nn.Module, names: list[str], store: dict) -> list:
+    """Pre-hooks recording what each layer's activation quantizers see, per call."""
 
-    def __init__(self, records: dict, names: dict[int, str], tolerance: float) -> None:
-        self.records, self.names, self.tolerance = records, names, tolerance
-        self.cursor: dict[tuple[str, str], int] = {}
-        self.aligned = 0
-        self.max_distance = 0.0  # of an aligned tie from the reference, in steps
-
-    def __call__(self, layer: IntLayer, role: str, x: torch.Tensor) -> torch.Tensor:
-        key = (self.names[id(layer)], role)
-        queue, i = self.records.get(key, []), self.cursor.get(key, 0)
-        if i >= len(queue) or queue[i].shape != x.shape:
-            return x
-        self.cursor[key] = i + 1
-        ref = queue[i].to(x.dtype)
-        s_ref, _ = layer.act_qparams(role, ref)
-        step = s_ref if s_ref.ndim == 0 else s_ref[..., None]  # per token: (*lead, 1)
-        dist = (x - ref).abs() / step  # in quantization steps
-        out = torch.where(dist <= self.tolerance, ref, x)
-        changed = self._centered(layer, role, x) != self._centered(layer, role, out)
-        if changed.any():
-            self.aligned += int(changed.sum())
-            spec = getattr(layer, f"{role}_spec")
-            far = grid.to_view(dist, spec)[changed].max().item()
-            self.max_distance = max(self.max_distance, far)
-        return out
-
-    @staticmethod
-    def _centered(layer: IntLayer, role: str, x: torch.Tensor) -> torch.Tensor:
-        spec = getattr(layer, f"{role}_spec")
-        s, z = layer.act_qparams(role, x)
-        q = grid.to_view(grid.quantize(x, s, z, spec), spec)
-        return q - z[..., None]
-
-
-def _hooks(model: nn.Module, names: list[str], store: dict, pre: bool = False) -> list:
     def make(key):
-        def hook(_mod, args, out=None):
-            store.setdefault(key, []).append((args[0] if pre else out).detach())
+        def hook(_mod, args):
+            store.setdefault(key, []).append(args[0].detach())
 
         return hook
 
     handles = []
     for name in names:
-        mod = model.get_submodule(name)
-        if not pre:
-            handles.append(mod.register_forward_hook(make(name)))
-            continue
         for role in ("input", "output"):
-            fq = getattr(mod, f"{role}_quant", None)
+            fq = getattr(model.get_submodule(name), f"{role}_quant", None)
             if isinstance(fq, FakeQuantizer):
                 handles.append(fq.register_forward_pre_hook(make((name, role))))
     return handles
-
-
-def _run(model: nn.Module, batch: Any, forward: Forward, hooks: list) -> torch.Tensor:
-    try:
-        return as_tensor(forward(model, batch))
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 @torch.no_grad()
@@ -185,30 +140,21 @@ def parity_report(
     with _frozen_eval(reference), _frozen_eval(int_model), _full_fp32():
         for batch in inputs:
             quant_in: dict = {}
-            ref_outs: dict = {}
-            hooks = _hooks(reference, names, quant_in, pre=True)
-            ref = _run(reference, batch, forward, hooks + _hooks(reference, names, ref_outs))
-            if free is not None:
-                free.add(ref, _run(int_model, batch, forward, []), rows=True)
-            aligner = _Aligner(quant_in, int_layers, tie_tolerance) if free is not None else None
-            int_outs: dict = {}
-            for n in names:
-                int_model.get_submodule(n).align_act = aligner
+            hooks = _quantizer_inputs(reference, names, quant_in)
             try:
-                out = _run(int_model, batch, forward, _hooks(int_model, names, int_outs))
+                with Recorder(reference, names) as ref_rec:
+                    ref = as_tensor(forward(reference, batch))
             finally:
-                for n in names:
-                    int_model.get_submodule(n).align_act = None
+                for h in hooks:
+                    h.remove()
+            aligner = None
+            if free is not None:
+                free.add(ref, as_tensor(forward(int_model, batch)), rows=True)
+                aligner = Aligner(quant_in, int_layers, tie_tolerance)
+            with aligned(int_model, names, aligner), Recorder(int_model, names) as int_rec:
+                out = as_tensor(forward(int_model, batch))
             report.output.add(ref, out, rows=True)
-            for n in names:
-                refs, outs = ref_outs.get(n, []), int_outs.get(n, [])
-                if len(refs) != len(outs):
-                    raise ParityError(
-                        f"{n} ran {len(refs)} time(s) in the reference but {len(outs)} in the "
-                        "integer model on the same batch"
-                    )
-                for r, o in zip(refs, outs, strict=True):
-                    layers[n].add(r, o)
+            compare_layers(report, ref_rec.outs, int_rec.outs)
             if aligner is not None:
                 report.aligned += aligner.aligned
                 report.max_tie_distance = max(report.max_tie_distance, aligner.max_distance)
