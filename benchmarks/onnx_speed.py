@@ -56,7 +56,7 @@ def cases(seq_gpt: int, seq_minilm: int) -> dict[str, tuple[Callable[[], nn.Modu
     """name -> (builder, make_inputs(batch, generator))."""
 
     def minilm_inputs(batch: int, g: torch.Generator) -> Inputs:
-        from qat.models.hf import load_tokenizer, minilm_path
+        from qat.pretrained import load_tokenizer, minilm_path
 
         tok = load_tokenizer(minilm_path())
         off = int(torch.randint(0, 64, (), generator=g))

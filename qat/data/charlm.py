@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from datasets import Dataset, DatasetDict, Features, List, Value
@@ -100,17 +102,14 @@ class CharLMDataModule(BaseDataModule):
 
     def __init__(
         self,
-        data_dir: str = "data_cache",
-        batch_size: int = 64,
-        seed: int = 0,
-        num_workers: int = 0,
-        drop_last: bool = False,
+        *,
         block_size: int = 128,
         stride: int | None = None,
         max_train_blocks: int | None = None,
         max_eval_blocks: int | None = None,
+        **common: Any,  # BaseDataModule's arguments (data_dir, batch_size, ...)
     ) -> None:
-        super().__init__(data_dir, batch_size, seed, num_workers, drop_last)
+        super().__init__(**common)
         for key, value in (
             ("block_size", block_size),
             ("stride", stride),

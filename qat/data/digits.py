@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
@@ -36,16 +38,13 @@ class DigitsDataModule(BaseDataModule):
 
     def __init__(
         self,
-        data_dir: str = "data_cache",
-        batch_size: int = 64,
-        seed: int = 0,
-        num_workers: int = 0,
-        drop_last: bool = False,
+        *,
         val_fraction: float = 0.15,
         test_fraction: float = 0.15,
         split_seed: int = 0,
+        **common: Any,  # BaseDataModule's arguments (data_dir, batch_size, ...)
     ) -> None:
-        super().__init__(data_dir, batch_size, seed, num_workers, drop_last)
+        super().__init__(**common)
         fraction_check(val_fraction, test_fraction)
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.split_seed = split_seed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, load_from_disk
@@ -31,33 +32,16 @@ class HFDiskDataModule(CharLMDataModule):
     def __init__(
         self,
         path: str,
-        data_dir: str = "data_cache",
-        batch_size: int = 64,
-        seed: int = 0,
-        num_workers: int = 0,
-        drop_last: bool = False,
+        *,
         columns: list[str] | None = None,
         rename: dict[str, str] | None = None,
         text_column: str | None = None,
-        block_size: int = 128,
-        stride: int | None = None,
-        max_train_blocks: int | None = None,
-        max_eval_blocks: int | None = None,
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         split_seed: int = 0,
+        **common: Any,  # CharLMDataModule's arguments (block_size, ..., data_dir, ...)
     ) -> None:
-        super().__init__(
-            data_dir,
-            batch_size,
-            seed,
-            num_workers,
-            drop_last,
-            block_size,
-            stride,
-            max_train_blocks,
-            max_eval_blocks,
-        )
+        super().__init__(**common)
         fraction_check(val_fraction, test_fraction)
         self.path = Path(path).expanduser()
         if not self.path.exists():

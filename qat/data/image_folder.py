@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,18 +34,15 @@ class ImageFolderDataModule(BaseDataModule):
     def __init__(
         self,
         path: str,
-        data_dir: str = "data_cache",
-        batch_size: int = 64,
-        seed: int = 0,
-        num_workers: int = 0,
-        drop_last: bool = False,
+        *,
         image_size: int = 8,
         grayscale: bool = True,
         val_fraction: float = 0.15,
         test_fraction: float = 0.15,
         split_seed: int = 0,
+        **common: Any,  # BaseDataModule's arguments (data_dir, batch_size, ...)
     ) -> None:
-        super().__init__(data_dir, batch_size, seed, num_workers, drop_last)
+        super().__init__(**common)
         fraction_check(val_fraction, test_fraction)
         if image_size < 1:
             raise ValueError(f"image_size must be >= 1, got {image_size}")

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset as TorchDataset
 from qat.data.base import SPLITS, BaseDataModule
 from qat.data.cache import Built, fingerprint, load_or_build
 from qat.data.plays import cut_sentences, play_files, read_play, split_plays
-from qat.models.hf import load_tokenizer, minilm_path
+from qat.pretrained import load_tokenizer, minilm_path
 
 
 def pad_batch(
@@ -53,11 +53,7 @@ class SentencesDataModule(BaseDataModule):
 
     def __init__(
         self,
-        data_dir: str = "data_cache",
-        batch_size: int = 64,
-        seed: int = 0,
-        num_workers: int = 0,
-        drop_last: bool = False,
+        *,
         tokenizer_path: str | None = None,
         max_length: int = 64,
         pad_to_max_length: bool = False,
@@ -68,8 +64,9 @@ class SentencesDataModule(BaseDataModule):
         val_plays: int = 3,
         test_plays: int = 3,
         split_seed: int = 0,
+        **common: Any,  # BaseDataModule's arguments (data_dir, batch_size, ...)
     ) -> None:
-        super().__init__(data_dir, batch_size, seed, num_workers, drop_last)
+        super().__init__(**common)
         if max_length < 2:
             raise ValueError(
                 f"max_length must be >= 2 (room for [CLS] and [SEP]), got {max_length}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from qat.data.charlm import CharLMDataModule, Documents
 from qat.data.plays import play_files, read_play, split_plays
 
@@ -16,30 +18,13 @@ class ShakespeareDataModule(CharLMDataModule):
 
     def __init__(
         self,
-        data_dir: str = "data_cache",
-        batch_size: int = 64,
-        seed: int = 0,
-        num_workers: int = 0,
-        drop_last: bool = False,
-        block_size: int = 128,
-        stride: int | None = None,
-        max_train_blocks: int | None = None,
-        max_eval_blocks: int | None = None,
+        *,
         val_plays: int = 3,
         test_plays: int = 3,
         split_seed: int = 0,
+        **common: Any,  # CharLMDataModule's arguments (block_size, ..., data_dir, ...)
     ) -> None:
-        super().__init__(
-            data_dir,
-            batch_size,
-            seed,
-            num_workers,
-            drop_last,
-            block_size,
-            stride,
-            max_train_blocks,
-            max_eval_blocks,
-        )
+        super().__init__(**common)
         self.plays = split_plays(list(play_files()), val_plays, test_plays, split_seed)
 
     def _cache_options(self) -> dict:

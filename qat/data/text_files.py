@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 from pathlib import Path
+from typing import Any
 
 from datasets import load_dataset
 
@@ -44,29 +45,12 @@ class TextFilesDataModule(CharLMDataModule):
     def __init__(
         self,
         data_files: Files,
-        data_dir: str = "data_cache",
-        batch_size: int = 64,
-        seed: int = 0,
-        num_workers: int = 0,
-        drop_last: bool = False,
-        block_size: int = 128,
-        stride: int | None = None,
-        max_train_blocks: int | None = None,
-        max_eval_blocks: int | None = None,
+        *,
         val_fraction: float = 0.05,
         test_fraction: float = 0.05,
+        **common: Any,  # CharLMDataModule's arguments (block_size, ..., data_dir, ...)
     ) -> None:
-        super().__init__(
-            data_dir,
-            batch_size,
-            seed,
-            num_workers,
-            drop_last,
-            block_size,
-            stride,
-            max_train_blocks,
-            max_eval_blocks,
-        )
+        super().__init__(**common)
         fraction_check(val_fraction, test_fraction)
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         given = data_files if isinstance(data_files, dict) else {"train": data_files}

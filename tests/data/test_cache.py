@@ -10,7 +10,7 @@ from qat.data import DigitsDataModule
 
 
 def prepared(tmp_path):
-    dm = DigitsDataModule(str(tmp_path))
+    dm = DigitsDataModule(data_dir=str(tmp_path))
     dm.setup()
     return dm
 

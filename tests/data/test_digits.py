@@ -10,7 +10,7 @@ from qat.data import DigitsDataModule, build_datamodule
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
-    dm = DigitsDataModule(str(tmp_path_factory.mktemp("data")), batch_size=32)
+    dm = DigitsDataModule(data_dir=str(tmp_path_factory.mktemp("data")), batch_size=32)
     dm.setup()
     return dm
 
@@ -32,9 +32,9 @@ def test_splits_partition_all_images_and_are_stratified(digits):
 
 
 def test_split_is_deterministic_and_follows_split_seed(digits, tmp_path):
-    again = DigitsDataModule(str(tmp_path / "a"))
+    again = DigitsDataModule(data_dir=str(tmp_path / "a"))
     again.setup()
-    other = DigitsDataModule(str(tmp_path / "b"), split_seed=1)
+    other = DigitsDataModule(data_dir=str(tmp_path / "b"), split_seed=1)
     other.setup()
     assert np.array_equal(indices(again, "test"), indices(digits, "test"))
     assert not np.array_equal(indices(other, "test"), indices(digits, "test"))
@@ -64,8 +64,8 @@ def test_shuffling_depends_only_on_seed_and_epoch(digits, tmp_path):
         loader.sampler.set_epoch(epoch)
         return torch.cat([b["index"] for b in loader]).tolist()
 
-    same = DigitsDataModule(str(tmp_path), batch_size=32)
-    reseeded = DigitsDataModule(str(tmp_path), batch_size=32, seed=1)
+    same = DigitsDataModule(data_dir=str(tmp_path), batch_size=32)
+    reseeded = DigitsDataModule(data_dir=str(tmp_path), batch_size=32, seed=1)
     assert order(same) == order(digits)
     assert order(reseeded) != order(digits)
     assert order(digits, 1) != order(digits, 0) and order(digits, 1) == order(same, 1)
@@ -80,6 +80,6 @@ def test_registry_builds_datamodules_and_rejects_bad_options(tmp_path):
     with pytest.raises(ValueError, match="unknown datamodule 'mnist'; known: digits"):
         build_datamodule("mnist")
     with pytest.raises(ValueError, match="val_fraction \\+ test_fraction must be < 1"):
-        DigitsDataModule(str(tmp_path), val_fraction=0.5, test_fraction=0.5)
+        DigitsDataModule(data_dir=str(tmp_path), val_fraction=0.5, test_fraction=0.5)
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
-        DigitsDataModule(str(tmp_path), batch_size=0)
+        DigitsDataModule(data_dir=str(tmp_path), batch_size=0)

@@ -23,7 +23,7 @@ class Recorder(L.LightningModule):
 
 @pytest.mark.filterwarnings("ignore:You passed in a `val_dataloader`", "ignore:.*LeafSpec")
 def test_trainer_sets_the_sampler_epoch(tmp_path):
-    dm = DigitsDataModule(str(tmp_path), batch_size=16)
+    dm = DigitsDataModule(data_dir=str(tmp_path), batch_size=16)
     model = Recorder()
     trainer = L.Trainer(
         max_epochs=2,

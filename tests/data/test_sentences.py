@@ -5,13 +5,13 @@ import torch
 
 from qat.data import SentencesDataModule
 from qat.data.plays import cut_sentences
-from qat.models.hf import load_tokenizer, minilm_path
+from qat.pretrained import load_tokenizer, minilm_path
 
 
 @pytest.fixture(scope="module")
 def sentences(tmp_path_factory):
     dm = SentencesDataModule(
-        str(tmp_path_factory.mktemp("data")),
+        data_dir=str(tmp_path_factory.mktemp("data")),
         batch_size=16,
         max_length=24,
         max_train_sentences=600,
@@ -41,7 +41,10 @@ def test_splits_come_from_disjoint_plays_and_share_no_sentence(sentences):
     assert not (set(texts["train"]) | set(texts["val"])) & set(texts["test"])
     assert not set(sentences.plays["train"]) & set(sentences.plays["test"])
     again = SentencesDataModule(
-        str(sentences.data_dir), max_length=24, max_train_sentences=600, max_eval_sentences=100
+        data_dir=str(sentences.data_dir),
+        max_length=24,
+        max_train_sentences=600,
+        max_eval_sentences=100,
     )
     again.setup()
     assert again.texts == texts
@@ -65,7 +68,7 @@ def test_batches_match_the_tokenizer_used_directly(sentences):
 
 def test_padding_to_max_length(tmp_path, sentences):
     dm = SentencesDataModule(
-        str(sentences.data_dir),
+        data_dir=str(sentences.data_dir),
         batch_size=4,
         max_length=24,
         pad_to_max_length=True,
@@ -76,6 +79,8 @@ def test_padding_to_max_length(tmp_path, sentences):
     assert batch["input_ids"].shape == batch["attention_mask"].shape == (4, 24)
     assert torch.all(batch["input_ids"][batch["attention_mask"] == 0] == 0)
     with pytest.raises(ValueError, match="max_length must be >= 2"):
-        SentencesDataModule(str(tmp_path), max_length=1)
+        SentencesDataModule(data_dir=str(tmp_path), max_length=1)
     with pytest.raises(FileNotFoundError, match="no_such_tokenizer"):
-        SentencesDataModule(str(tmp_path), tokenizer_path=str(tmp_path / "no_such_tokenizer"))
+        SentencesDataModule(
+            data_dir=str(tmp_path), tokenizer_path=str(tmp_path / "no_such_tokenizer")
+        )

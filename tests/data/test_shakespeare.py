@@ -13,7 +13,9 @@ from qat.data.vocab import UNK_ID
 
 @pytest.fixture(scope="module")
 def shakespeare(tmp_path_factory):
-    dm = ShakespeareDataModule(str(tmp_path_factory.mktemp("data")), batch_size=16, block_size=32)
+    dm = ShakespeareDataModule(
+        data_dir=str(tmp_path_factory.mktemp("data")), batch_size=16, block_size=32
+    )
     dm.setup()
     return dm
 
@@ -66,7 +68,7 @@ def test_cache_keeps_the_vocabulary_with_the_data(shakespeare, monkeypatch):
         raise AssertionError("should load from the cache")
 
     monkeypatch.setattr(ShakespeareDataModule, "_documents", fail)
-    again = ShakespeareDataModule(str(shakespeare.data_dir), block_size=8)
+    again = ShakespeareDataModule(data_dir=str(shakespeare.data_dir), block_size=8)
     assert again.vocab == shakespeare.vocab  # read from meta.json, no rebuild
     assert len(again.datasets["train"]) > len(shakespeare.datasets["train"])
 
@@ -91,6 +93,6 @@ def test_flat_ids_concatenates_documents(shakespeare):
 
 def test_options_are_validated(tmp_path):
     with pytest.raises(ValueError, match="val_plays=0"):
-        ShakespeareDataModule(str(tmp_path), val_plays=0)
+        ShakespeareDataModule(data_dir=str(tmp_path), val_plays=0)
     with pytest.raises(ValueError, match="block_size must be >= 1"):
-        ShakespeareDataModule(str(tmp_path), block_size=0)
+        ShakespeareDataModule(data_dir=str(tmp_path), block_size=0)

@@ -36,7 +36,7 @@ def test_text_files_take_given_splits(tmp_path):
         (tmp_path / f"{name}.txt").write_text(f"{name} text: " + TEXT[:2000])
     files = {"train": str(tmp_path / "train.txt"), "validation": [str(tmp_path / "valid.txt")]}
     files["test"] = str(tmp_path / "test.txt")
-    dm = TextFilesDataModule(files, str(tmp_path), block_size=8)
+    dm = TextFilesDataModule(files, data_dir=str(tmp_path), block_size=8)
     texts = split_texts(dm)
     assert texts["val"].startswith("valid text: ") and texts["test"].startswith("test text: ")
     assert texts["train"] == "train text: " + TEXT[:2000] + "\n\n"
@@ -44,12 +44,12 @@ def test_text_files_take_given_splits(tmp_path):
 
 def test_text_files_errors_name_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.txt"):
-        TextFilesDataModule(str(tmp_path / "missing.txt"), str(tmp_path))
+        TextFilesDataModule(str(tmp_path / "missing.txt"), data_dir=str(tmp_path))
     with pytest.raises(ValueError, match="must include 'train'"):
-        TextFilesDataModule({"dev": str(tmp_path)}, str(tmp_path))
+        TextFilesDataModule({"dev": str(tmp_path)}, data_dir=str(tmp_path))
     (tmp_path / "empty.txt").write_text("  \n")
     with pytest.raises(ValueError, match="contain no text"):
-        TextFilesDataModule(str(tmp_path / "empty.txt"), str(tmp_path)).setup()
+        TextFilesDataModule(str(tmp_path / "empty.txt"), data_dir=str(tmp_path)).setup()
 
 
 def test_hf_disk_tensor_columns_with_split_and_rename(tmp_path):
@@ -60,7 +60,7 @@ def test_hf_disk_tensor_columns_with_split_and_rename(tmp_path):
     ds.save_to_disk(str(tmp_path / "ds"))
     dm = HFDiskDataModule(
         str(tmp_path / "ds"),
-        str(tmp_path / "c"),
+        data_dir=str(tmp_path / "c"),
         batch_size=10,
         rename={"image": "x", "label": "y"},
     )
@@ -82,27 +82,27 @@ def test_hf_disk_dataset_dict_and_text_mode(tmp_path):
         }
     ).save_to_disk(str(tmp_path / "dd"))
     dm = HFDiskDataModule(
-        str(tmp_path / "dd"), str(tmp_path / "c"), text_column="text", block_size=16
+        str(tmp_path / "dd"), data_dir=str(tmp_path / "c"), text_column="text", block_size=16
     )
     texts = split_texts(dm)
     assert texts["test"] == "\n".join(lines[200:]) + "\n\n"
     assert texts["train"][:-2] + texts["val"][:-2] == "\n".join(lines[:200])
     with pytest.raises(ValueError, match="holds text; pass text_column='text'"):
-        HFDiskDataModule(str(tmp_path / "dd"), str(tmp_path / "c")).setup()
+        HFDiskDataModule(str(tmp_path / "dd"), data_dir=str(tmp_path / "c")).setup()
     with pytest.raises(AttributeError, match="only in text mode"):
-        _ = HFDiskDataModule(str(tmp_path / "dd"), str(tmp_path / "c")).vocab_size
+        _ = HFDiskDataModule(str(tmp_path / "dd"), data_dir=str(tmp_path / "c")).vocab_size
 
 
 def test_hf_disk_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        HFDiskDataModule(str(tmp_path / "nowhere"), str(tmp_path))
+        HFDiskDataModule(str(tmp_path / "nowhere"), data_dir=str(tmp_path))
     (tmp_path / "plain").mkdir()
     with pytest.raises(ValueError, match="not a dataset saved with save_to_disk"):
-        HFDiskDataModule(str(tmp_path / "plain"), str(tmp_path)).setup()
+        HFDiskDataModule(str(tmp_path / "plain"), data_dir=str(tmp_path)).setup()
     empty = Dataset.from_dict({"x": [1, 2]}).filter(lambda row: False)
     empty.save_to_disk(str(tmp_path / "empty"))
     with pytest.raises(ValueError, match="is empty"):
-        HFDiskDataModule(str(tmp_path / "empty"), str(tmp_path)).setup()
+        HFDiskDataModule(str(tmp_path / "empty"), data_dir=str(tmp_path)).setup()
 
 
 def write_images(root, classes, per_class, rng):
@@ -115,7 +115,7 @@ def write_images(root, classes, per_class, rng):
 
 def test_image_folder_classes_splits_and_normalisation(tmp_path):
     write_images(tmp_path / "img", {"dark": 40, "light": 210}, 20, np.random.default_rng(0))
-    dm = ImageFolderDataModule(str(tmp_path / "img"), str(tmp_path / "c"), batch_size=8)
+    dm = ImageFolderDataModule(str(tmp_path / "img"), data_dir=str(tmp_path / "c"), batch_size=8)
     assert dm.num_classes == 2 and dm.class_names == ["dark", "light"]
     assert [len(dm.datasets[s]) for s in ("train", "val", "test")] == [28, 6, 6]
     for split in ("train", "val", "test"):
@@ -127,7 +127,7 @@ def test_image_folder_classes_splits_and_normalisation(tmp_path):
     train_x = dm.datasets["train"].tensors["x"]
     assert abs(train_x.mean().item()) < 1e-4 and abs(train_x.std().item() - 1) < 1e-2
     rgb = ImageFolderDataModule(
-        str(tmp_path / "img"), str(tmp_path / "c"), grayscale=False, image_size=4
+        str(tmp_path / "img"), data_dir=str(tmp_path / "c"), grayscale=False, image_size=4
     )
     assert next(iter(rgb.val_dataloader()))["x"].shape == (6, 3, 4, 4)
 
@@ -136,14 +136,16 @@ def test_image_folder_uses_split_subfolders(tmp_path):
     rng = np.random.default_rng(1)
     write_images(tmp_path / "img" / "train", {"a": 50, "b": 200}, 6, rng)
     write_images(tmp_path / "img" / "test", {"a": 50, "b": 200}, 2, rng)
-    dm = ImageFolderDataModule(str(tmp_path / "img"), str(tmp_path / "c"), val_fraction=0.25)
+    dm = ImageFolderDataModule(
+        str(tmp_path / "img"), data_dir=str(tmp_path / "c"), val_fraction=0.25
+    )
     dm.setup()
     assert [len(dm.datasets[s]) for s in ("train", "val", "test")] == [9, 3, 4]
 
 
 def test_image_folder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no_images"):
-        ImageFolderDataModule(str(tmp_path / "no_images"), str(tmp_path))
+        ImageFolderDataModule(str(tmp_path / "no_images"), data_dir=str(tmp_path))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="empty"):
-        ImageFolderDataModule(str(tmp_path / "empty"), str(tmp_path)).setup()
+        ImageFolderDataModule(str(tmp_path / "empty"), data_dir=str(tmp_path)).setup()

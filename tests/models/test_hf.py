@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from qat.models import HFEncoder, build_model, mean_pool, minilm_path
+from qat.models import HFEncoder, build_model, mean_pool
+from qat.pretrained import minilm_path
 from qat.quant.provenance import provenance
 
 transformers = pytest.importorskip("transformers")
