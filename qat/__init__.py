@@ -10,9 +10,13 @@
     int_model = qat.load("out/model")
 """
 
+from qat.api import plan, prepare
 from qat.export import convert, load, save
-from qat.quant import QuantSpec, Recipe, plan, prepare
+from qat.export.families import FAMILIES, shipped
+from qat.quant import QuantSpec, Recipe
+from qat.quant.family import Families, LayerFamily
 
 __version__ = "0.1.0"
 
-__all__ = ["QuantSpec", "Recipe", "__version__", "convert", "load", "plan", "prepare", "save"]
+__all__ = ["FAMILIES", "Families", "LayerFamily", "QuantSpec", "Recipe", "__version__",
+           "convert", "load", "plan", "prepare", "save", "shipped"]  # fmt: skip

@@ -24,10 +24,12 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from qat.export import manifest as mf
+from qat.export.families import shipped
 from qat.export.manifest import ArtifactError
 from qat.export.parity.report import ParityReport
 from qat.io import fsync_path, writing
 from qat.models import registry
+from qat.quant.family import Families
 from qat.quant.provenance import record
 from qat.quant.recipe import Recipe
 from qat.quant.spec import QuantSpec
@@ -119,7 +121,9 @@ def _write_into(
     fsync_path(tmp)
 
 
-def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
+def read_manifest(
+    directory: str | os.PathLike, families: Families | None = None
+) -> dict[str, Any]:
     """The checked manifest of an artifact (format and version verified, weights not read)."""
     path = Path(directory) / mf.MANIFEST_FILE
     if not path.is_file():
@@ -129,7 +133,7 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         raise ArtifactError(f"{path} is not valid UTF-8 JSON ({e.reason} at byte {e.start}): "
                             "the manifest is damaged; export the model again") from None
-    return mf.parse_manifest(text)
+    return mf.parse_manifest(text, (families or shipped()).kinds())
 
 
 def _read_tensors(directory: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -168,7 +172,7 @@ def _replace(model: nn.Module, name: str, make, expect: tuple[type, ...]) -> Non
     setattr(model.get_submodule(parent) if parent else model, child, make())
 
 
-def _layer(name: str, cfg: dict[str, Any]) -> nn.Module:
+def _layer(name: str, cfg: dict[str, Any], int_type: type[nn.Module]) -> nn.Module:
     specs = {}
     for role, spec in cfg["specs"].items():
         if role not in ("weight", "input", "output"):
@@ -177,15 +181,16 @@ def _layer(name: str, cfg: dict[str, Any]) -> nn.Module:
             None if spec is None else QuantSpec.from_dict(spec, path=f"{name}.{role}")
         )
     try:
-        return mf.LAYER_KINDS[cfg["kind"]](**cfg["args"], **specs)
+        return int_type(**cfg["args"], **specs)
     except (TypeError, ValueError) as e:
         raise ArtifactError(
             f"manifest: cannot rebuild layer {name!r} ({cfg['kind']}): {e}"
         ) from None
 
 
-def load(directory: str | os.PathLike) -> nn.Module:
-    """Rebuild the integer model saved by `save`, ready to run (eval mode).
+def load(directory: str | os.PathLike, families: Families | None = None) -> nn.Module:
+    """Rebuild the integer model saved by `save`, ready to run (eval mode); its layer kinds
+    are looked up in `families`.
 
     Example:
         >>> import qat, tempfile
@@ -198,7 +203,7 @@ def load(directory: str | os.PathLike) -> nn.Module:
     """
     directory = Path(directory)
     try:
-        return _load(directory)
+        return _load(directory, families or shipped())
     except ArtifactError:
         raise
     except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
@@ -209,8 +214,8 @@ def load(directory: str | os.PathLike) -> nn.Module:
         ) from None
 
 
-def _load(directory: Path) -> nn.Module:
-    manifest = read_manifest(directory)
+def _load(directory: Path, families: Families) -> nn.Module:
+    manifest = read_manifest(directory, families)
     tensors = _read_tensors(directory, manifest)
     name, args = manifest["builder"]["name"], manifest["builder"]["args"]
     if name not in registry.model_names():
@@ -226,13 +231,15 @@ def _load(directory: Path) -> nn.Module:
     for bn in manifest["folded_bn"]:
         _replace(model, bn, nn.Identity, (nn.BatchNorm1d, nn.BatchNorm2d))
     for lname, cfg in manifest["layers"].items():
-        _replace(model, lname, lambda n=lname, c=cfg: _layer(n, c), (mf.FLOAT_KINDS[cfg["kind"]],))
+        family = families.of_kind(cfg["kind"])
+        _replace(model, lname, lambda n=lname, c=cfg, f=family: _layer(n, c, f.int_type),
+                 (family.float_type,))  # fmt: skip
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
         raise ArtifactError(f"tensors do not fit the rebuilt model: {e}") from None
     recipe = manifest.get("recipe")
-    record(model, recipe=None if recipe is None else Recipe.from_dict(recipe),
+    record(model, families=families, recipe=None if recipe is None else Recipe.from_dict(recipe),
            folded_bn=tuple(manifest["folded_bn"]),
            float_bytes=(manifest.get("sizes") or {}).get("float32_state_dict_bytes"))  # fmt: skip
     return model.eval()

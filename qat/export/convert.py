@@ -7,11 +7,10 @@ import copy
 import torch
 from torch import nn
 
-from qat.export.integer import IntConv1d, IntConv2d, IntEmbedding, IntLinear
 from qat.export.integer.layer import IntLayer
-from qat.quant.bn_fold import QATConvBn1d, QATConvBn2d
 from qat.quant.fake_quant import FakeQuantizer
-from qat.quant.modules import QATConv1d, QATConv2d, QATEmbedding, QATLinear, QATMixin
+from qat.quant.family import Families
+from qat.quant.modules import QATMixin
 from qat.quant.provenance import provenance, record
 
 
@@ -48,52 +47,22 @@ def _spec(fq: FakeQuantizer | None):
     return None if fq is None else fq.spec
 
 
-def _conv_args(mod: nn.Module) -> dict:
-    return {
-        "in_channels": mod.in_channels,
-        "out_channels": mod.out_channels,
-        "kernel_size": list(mod.kernel_size),
-        "stride": list(mod.stride),
-        "padding": mod.padding if isinstance(mod.padding, str) else list(mod.padding),
-        "dilation": list(mod.dilation),
-        "groups": mod.groups,
-        "padding_mode": mod.padding_mode,
-    }
-
-
 @torch.no_grad()
-def int_layer_from_qat(mod: QATMixin, name: str) -> IntLayer:
+def int_layer_from_qat(mod: QATMixin, name: str, families: Families) -> IntLayer:
     """The integer layer computing what the fake-quant layer `mod` computes in eval mode."""
     wq = _usable(mod.weight_quant, name)
     iq = _usable(mod.input_quant, name)
     oq = _usable(mod.output_quant, name)
-    specs = {"weight_spec": _spec(wq), "output_spec": _spec(oq)}
-    if isinstance(mod, (QATConvBn1d, QATConvBn2d)):
-        # The weight simulated folding quantized (running statistics, as in eval).
-        weight, bias = mod.folded_weight(), mod.folded_bias()
-    else:
-        weight, bias = mod.weight, getattr(mod, "bias", None)
+    weight, bias = mod.export_weight(), mod.export_bias()
     try:
-        if isinstance(mod, QATEmbedding):
-            if mod.max_norm is not None:
-                raise ConvertError(
-                    f"{name}: Embedding(max_norm=...) renormalizes its table on every lookup; "
-                    "integer export does not support it"
-                )
-            new: IntLayer = IntEmbedding(
-                mod.num_embeddings, mod.embedding_dim, mod.padding_idx, **specs
-            )
-        elif isinstance(mod, QATLinear):
-            new = IntLinear(
-                mod.in_features, mod.out_features, bias is not None, input_spec=_spec(iq), **specs
-            )
-        elif isinstance(mod, (QATConv1d, QATConv2d)):
-            cls = IntConv1d if isinstance(mod, QATConv1d) else IntConv2d
-            new = cls(**_conv_args(mod), bias=bias is not None, input_spec=_spec(iq), **specs)
-        else:  # pragma: no cover - every QAT class is handled above
-            raise ConvertError(f"{name}: no integer layer for {type(mod).__name__}")
-    except ConvertError:
-        raise
+        int_type = families.of_qat(mod).int_type
+    except KeyError as e:
+        raise ConvertError(f"{name}: {e.args[0]}; add its LayerFamily to the families") from None
+    if int_type is None:
+        raise ConvertError(f"{name}: the layer family of {type(mod).__name__} has no integer "
+                           "class, so it cannot be exported")  # fmt: skip
+    try:
+        new: IntLayer = int_type.from_qat(mod, _spec(wq), _spec(iq), _spec(oq))
     except ValueError as e:
         raise ConvertError(f"{name}: {e}") from None
     new.to(weight.device)
@@ -129,7 +98,8 @@ def float32_state_bytes(model: nn.Module) -> int:
 
 
 def convert(model: nn.Module) -> nn.Module:
-    """A new model with every fake-quant layer replaced by its integer layer.
+    """A new model with every fake-quant layer replaced by its integer layer (the integer class
+    of its layer family, from the families the model was prepared with).
 
     The prepared model is not changed. BatchNorm simulated-folded during QAT (`bn: fold`) is
     folded into the integer conv with exactly the weights training quantized; `merge` was folded
@@ -146,18 +116,20 @@ def convert(model: nn.Module) -> nn.Module:
         >>> type(convert(m.eval())[0]).__name__
         'IntLinear'
     """
-    if provenance(model).recipe is None:
+    origin = provenance(model)
+    if origin.recipe is None or origin.families is None:
         raise ConvertError(
             f"{type(model).__name__} is not prepared for QAT; call qat.prepare(model, recipe) "
             "and train (or calibrate) it before qat.convert"
         )
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QATMixin)]
-    new_layers = {n: int_layer_from_qat(m, n) for n, m in layers}  # fails before any copying
+    # Every layer converts before anything is copied: a failure leaves nothing half-done.
+    new_layers = {n: int_layer_from_qat(m, n, origin.families) for n, m in layers}
     memo = {id(m): new_layers[n] for n, m in layers}  # deepcopy puts the int layers in place
     int_model = copy.deepcopy(model, memo)
     for name, new in new_layers.items():
         _set(int_model, name, new)  # also where deepcopy met the layer under another name
-    plan = provenance(model).plan
+    plan = origin.plan
     # BatchNorms folded or merged into a conv: Identity in the model, BatchNorm in a fresh build.
     folded = tuple(lp.bn for lp in plan.quantized() if lp.bn) if plan else ()
     record(int_model, float_bytes=float32_state_bytes(model), folded_bn=folded)

@@ -1,7 +1,8 @@
 """The artifact's `manifest.json`: building it from an integer model, and checking one read back.
 
-Everything in a manifest is data: layer kinds are looked up in a fixed table, the model comes
-from the builder registry, and no name in it is ever imported or unpickled.
+Everything in a manifest is data: layer kinds are looked up in the layer families
+(`qat.export.families`), the model comes from the builder registry, and no name in it is ever
+imported or unpickled.
 """
 
 from __future__ import annotations
@@ -9,13 +10,13 @@ from __future__ import annotations
 import json
 import platform
 import sys
+from collections.abc import Collection
 from pathlib import PurePosixPath
 from typing import Any
 
 import torch
 from torch import nn
 
-from qat.export.integer import IntConv1d, IntConv2d, IntEmbedding, IntLinear
 from qat.export.integer.layer import IntLayer
 from qat.quant.provenance import provenance
 
@@ -23,21 +24,6 @@ FORMAT = "qat-int-artifact"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "weights.safetensors"
 MANIFEST_FILE = "manifest.json"
-
-LAYER_KINDS: dict[str, type[IntLayer]] = {
-    "IntLinear": IntLinear,
-    "IntConv1d": IntConv1d,
-    "IntConv2d": IntConv2d,
-    "IntEmbedding": IntEmbedding,
-}
-# The float module each integer layer replaces in the freshly built model.
-FLOAT_KINDS: dict[str, type[nn.Module]] = {
-    "IntLinear": nn.Linear,
-    "IntConv1d": nn.Conv1d,
-    "IntConv2d": nn.Conv2d,
-    "IntEmbedding": nn.Embedding,
-}
-
 
 class ArtifactError(ValueError):
     """An export artifact is malformed, corrupted, or cannot be written or rebuilt."""
@@ -128,8 +114,9 @@ def safe_file_name(name: Any) -> str:
     return name
 
 
-def parse_manifest(text: str) -> dict[str, Any]:
-    """Parse and check the manifest's structure and format version."""
+def parse_manifest(text: str, kinds: Collection[str]) -> dict[str, Any]:
+    """Parse and check the manifest's structure and format version; layer kinds must be among
+    `kinds` (the integer classes of the layer families the loader knows)."""
     try:
         m = json.loads(text)
     except json.JSONDecodeError as e:
@@ -156,10 +143,9 @@ def parse_manifest(text: str) -> dict[str, Any]:
     _need(m, "folded_bn", list, "manifest")
     for lname, cfg in m["layers"].items():
         kind = _need(cfg, "kind", str, f"layers[{lname!r}]")
-        if kind not in LAYER_KINDS:
+        if kind not in kinds:
             raise ArtifactError(
-                f"manifest: layer {lname!r} has kind {kind!r}; known kinds: "
-                + ", ".join(LAYER_KINDS)
+                f"manifest: layer {lname!r} has kind {kind!r}; known kinds: " + ", ".join(kinds)
             )
         _need(cfg, "args", dict, f"layers[{lname!r}]")
         _need(cfg, "specs", dict, f"layers[{lname!r}]")

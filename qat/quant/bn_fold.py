@@ -68,6 +68,13 @@ class _ConvBnMixin:
         new.register_buffer("bn_frozen", torch.tensor(False))
         return new
 
+    def export_weight(self) -> torch.Tensor:
+        # The weight simulated folding quantized (running statistics, as in eval).
+        return self.folded_weight()
+
+    def export_bias(self) -> torch.Tensor:
+        return self.folded_bias()
+
     def folded_weight(self) -> torch.Tensor:
         return self.weight * _per_out(bn_scale(self.bn), self.weight.ndim, 0)
 
@@ -114,5 +121,3 @@ class QATConvBn2d(_ConvBnMixin, QATConv2d):
         torch.Size([2, 4, 6, 6])
     """
 
-
-CONV_BN_CLASSES = {QATConv1d: QATConvBn1d, QATConv2d: QATConvBn2d}

@@ -24,6 +24,7 @@ class QATMixin:
     FLOAT_TYPE: type[nn.Module]
     # Input granularities the integer layer can factor out of its dot products.
     INTEGER_INPUTS: tuple[str, ...] = ("per_tensor",)
+    OUTPUT_AXIS = 0  # the weight's output-channel dim (per-channel scales must lie along it)
 
     @classmethod
     def from_float(
@@ -54,6 +55,14 @@ class QATMixin:
     @staticmethod
     def _make(spec, role, shape, name):
         return None if spec is None else FakeQuantizer(spec, role=role, shape=shape, name=name)
+
+    def export_weight(self) -> torch.Tensor:
+        """The float weight `convert` quantizes into integer codes (folded BN included)."""
+        return self.weight
+
+    def export_bias(self) -> torch.Tensor | None:
+        """The float bias the integer layer adds (folded BN included), or None."""
+        return getattr(self, "bias", None)
 
     def quantized_weight(self) -> torch.Tensor:
         """The weight the forward pass uses (fake-quantized when a weight spec is set)."""
@@ -114,6 +123,32 @@ class QATConv2d(_QATConv, nn.Conv2d):
     FLOAT_TYPE = nn.Conv2d
 
 
+class QATConvTranspose2d(QATMixin, nn.ConvTranspose2d):
+    """`nn.ConvTranspose2d` with fake-quantized weight and activations.
+
+    Its weight is `(in, out / groups, kH, kW)`: per-channel weight scales for the integer
+    path lie along axis 1 (`axis: 1` in the recipe). `output_size` in the call is honoured here,
+    but the exported layer keeps the module's `output_padding`.
+
+    Example:
+        >>> from qat.quant import QuantSpec
+        >>> up = QATConvTranspose2d.from_float(nn.ConvTranspose2d(4, 2, 2, stride=2),
+        ...     weight=QuantSpec(bits=8, granularity="per_channel", axis=1), name="up")
+        >>> up(torch.randn(1, 4, 3, 3)).shape, tuple(up.weight_quant.scale.shape)
+        (torch.Size([1, 2, 6, 6]), (2,))
+    """
+
+    FLOAT_TYPE = nn.ConvTranspose2d
+    OUTPUT_AXIS = 1
+
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        pad = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size,
+                                   2, self.dilation)  # fmt: skip
+        y = F.conv_transpose2d(self._qin(x), self.quantized_weight(), self.bias, self.stride,
+                               self.padding, pad, self.groups, self.dilation)  # fmt: skip
+        return self._qout(y)
+
+
 class QATEmbedding(QATMixin, nn.Embedding):
     """`nn.Embedding` with a fake-quantized table (per row or per group); indices stay integer."""
 
@@ -136,23 +171,3 @@ class QATEmbedding(QATMixin, nn.Embedding):
             self.sparse,
         )
         return self._qout(y)
-
-
-QAT_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
-    nn.Linear: QATLinear,
-    nn.Conv1d: QATConv1d,
-    nn.Conv2d: QATConv2d,
-    nn.Embedding: QATEmbedding,
-}
-
-
-def qat_class_for(mod: nn.Module) -> type[nn.Module] | None:
-    """The fake-quant class for `mod`, or None.
-
-    A subclass of a float layer qualifies only if it keeps the base `forward` (otherwise the
-    fake-quant forward would silently replace its computation).
-    """
-    for float_type in type(mod).__mro__:
-        if float_type in QAT_CLASSES:
-            return QAT_CLASSES[float_type] if type(mod).forward is float_type.forward else None
-    return None

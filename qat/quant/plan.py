@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from qat.quant.bn_fold import BN_TYPES
-from qat.quant.modules import qat_class_for
+from qat.quant.family import Families
 from qat.quant.observers import MSE_CANDIDATES, MSE_MAX_SAMPLES
 from qat.quant.recipe import Recipe, _name_matches, as_recipe
 from qat.quant.spec import ROLES, QuantSpec, check_integer_layout, check_keys_apply
@@ -113,25 +113,28 @@ class Plan:
         return buf.getvalue() + f"{n} of {len(self.layers)} quantizable modules quantized\n" + notes
 
 
-def find_unquantizable(model: nn.Module) -> dict[str, str]:
+def find_unquantizable(model: nn.Module, families: Families) -> dict[str, str]:
     """Modules that hold a matrix or kernel (a parameter of 2+ dims, directly) but that no
     fake-quant class covers, name -> type: what a plan must show stays float.
 
     Example:
-        >>> m = nn.Sequential(nn.Linear(4, 4), nn.ConvTranspose2d(2, 2, 3), nn.LayerNorm(4))
-        >>> find_unquantizable(m)
-        {'1': 'ConvTranspose2d'}
+        >>> from qat.quant.family import LayerFamily
+        >>> from qat.quant.modules import QATLinear
+        >>> m = nn.Sequential(nn.Linear(4, 4), nn.Bilinear(4, 4, 4), nn.LayerNorm(4))
+        >>> find_unquantizable(m, Families([LayerFamily(QATLinear)]))
+        {'1': 'Bilinear'}
     """
     return {
         name: type(mod).__name__
         for name, mod in model.named_modules()
-        if qat_class_for(mod) is None
+        if families.qat_class_for(mod) is None
         and any(p.ndim >= 2 for p in mod.parameters(recurse=False))
     }
 
 
-def find_conv_bn_pairs(model: nn.Module) -> dict[str, str]:
-    """Conv -> BatchNorm pairs where the BN consumes only that conv's output.
+def find_conv_bn_pairs(model: nn.Module, families: Families) -> dict[str, str]:
+    """Conv -> BatchNorm pairs (convs of families with a fused Conv-BN class) where the BN
+    consumes only that conv's output.
 
     Found from a `torch.fx` trace; a model that cannot be traced falls back to adjacent
     (Conv, BN) children of `nn.Sequential` containers, with a warning.
@@ -139,7 +142,7 @@ def find_conv_bn_pairs(model: nn.Module) -> dict[str, str]:
     mods = dict(model.named_modules())
     if not any(isinstance(m, BN_TYPES) for m in mods.values()):
         return {}
-    convs = (nn.Conv1d, nn.Conv2d)
+    convs = tuple(f.float_type for f in families if f.conv_bn_type is not None)
     try:
         graph = torch.fx.symbolic_trace(model).graph
     except Exception as e:  # noqa: BLE001 - any trace failure means "use the fallback"
@@ -202,15 +205,19 @@ def _resolve(rules_hit, role: str, name: str, mod: nn.Module) -> QuantSpec | Non
     return spec
 
 
-def plan(model: nn.Module, recipe: Recipe | dict | str, verbose: bool = False) -> Plan:
-    """Dry run: every quantizable module with the rules that decided it and its specs.
+def plan(
+    model: nn.Module, recipe: Recipe | dict | str, families: Families, verbose: bool = False
+) -> Plan:
+    """Dry run: every quantizable module (one `families` covers) with the rules that decided
+    it and its specs (`qat.plan` passes the shipped families).
 
     Raises `ValueError` when a rule matches no quantizable module (unless `optional: true`) or
     a resolved spec is impossible for its module. Nothing in `model` changes.
     """
     recipe = as_recipe(recipe)
-    quantizable = [(n, m) for n, m in model.named_modules() if n and qat_class_for(m) is not None]
-    unquantizable = find_unquantizable(model)
+    quantizable = [(n, m) for n, m in model.named_modules()
+                   if n and families.qat_class_for(m) is not None]  # fmt: skip
+    unquantizable = find_unquantizable(model, families)
     hits: dict[str, list] = {n: [] for n, _ in quantizable}
     for rule in recipe.rules:
         matched = [n for n, m in quantizable if rule.matches(n, m)]
@@ -237,7 +244,7 @@ def plan(model: nn.Module, recipe: Recipe | dict | str, verbose: bool = False) -
     for pattern in recipe.ignore:
         if not any(_name_matches(pattern, n) for n, _ in quantizable):
             warnings.warn(f"ignore entry {pattern!r} matches no quantizable module", stacklevel=2)
-    pairs = find_conv_bn_pairs(model) if recipe.bn != "keep" else {}
+    pairs = find_conv_bn_pairs(model, families) if recipe.bn != "keep" else {}
     layers = []
     for name, mod in quantizable:
         lp = LayerPlan(name, type(mod).__name__, rules=[r.index for r in hits[name]])
@@ -245,9 +252,11 @@ def plan(model: nn.Module, recipe: Recipe | dict | str, verbose: bool = False) -
         for role in ROLES:
             skip = lp.ignored or (role == "input" and isinstance(mod, nn.Embedding))
             lp.specs[role] = None if skip else _resolve(hits[name], role, name, mod)
+        qat_cls = families.qat_class_for(mod)
         try:
             check_integer_layout(lp.specs["weight"], lp.specs["input"], mod.weight.ndim,
-                                 qat_class_for(mod).INTEGER_INPUTS, type(mod).__name__)
+                                 qat_cls.INTEGER_INPUTS, type(mod).__name__,
+                                 qat_cls.OUTPUT_AXIS)  # fmt: skip
         except ValueError as e:
             raise ValueError(f"{e} (module {name!r})") from None
         if lp.quantized and name in pairs:

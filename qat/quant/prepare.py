@@ -6,8 +6,9 @@ import warnings
 
 from torch import nn
 
-from qat.quant.bn_fold import CONV_BN_CLASSES, merge_bn
-from qat.quant.modules import QATMixin, qat_class_for
+from qat.quant.bn_fold import merge_bn
+from qat.quant.family import Families
+from qat.quant.modules import QATMixin
 from qat.quant.plan import Plan, plan
 from qat.quant.provenance import provenance, record
 from qat.quant.recipe import Recipe
@@ -24,12 +25,14 @@ def is_prepared(model: nn.Module) -> bool:
     )
 
 
-def prepare(model: nn.Module, recipe: Recipe | dict | str) -> nn.Module:
+def prepare(model: nn.Module, recipe: Recipe | dict | str, families: Families) -> nn.Module:
     """Insert fake quantization into `model` in place and return it.
 
     Parameters are shared with the float layers, so an optimizer built before `prepare` keeps
     working. BatchNorm after a quantized conv is folded (simulated, `bn: fold`), merged into the
-    conv now (`merge`) or left alone (`keep`). The recipe and plan go into the model's `Provenance`.
+    conv now (`merge`) or left alone (`keep`). The recipe and plan go into the model's
+    `Provenance`. `families` says which layer types can be quantized (`qat.prepare` passes
+    the shipped ones).
 
     Example:
         >>> import qat
@@ -44,12 +47,12 @@ def prepare(model: nn.Module, recipe: Recipe | dict | str) -> nn.Module:
             f"{type(model).__name__} is already prepared for QAT; prepare a fresh float model "
             "(or load its state_dict into one prepared with the same recipe)"
         )
-    result: Plan = plan(model, recipe)
+    result: Plan = plan(model, recipe, families)
     if result.unquantizable:
         warnings.warn(result.float_note(), stacklevel=2)
     for lp in result.quantized():
         mod = model.get_submodule(lp.name)
-        cls = qat_class_for(mod)
+        cls = families.qat_class_for(mod)
         specs = {role: lp.specs[role] for role in ("weight", "input", "output")}
         if lp.bn is not None:
             bn = model.get_submodule(lp.bn)
@@ -57,11 +60,11 @@ def prepare(model: nn.Module, recipe: Recipe | dict | str) -> nn.Module:
                 merge_bn(mod, bn)
                 new = cls.from_float(mod, **specs, name=lp.name)
             else:
-                new = CONV_BN_CLASSES[cls].from_conv_bn(mod, bn, **specs, name=lp.name)
+                new = families.conv_bn_class(cls).from_conv_bn(mod, bn, **specs, name=lp.name)
             _set(model, lp.bn, nn.Identity())
         else:
             new = cls.from_float(mod, **specs, name=lp.name)
         new.train(mod.training)
         _set(model, lp.name, new)
-    record(model, recipe=result.recipe, plan=result)
+    record(model, recipe=result.recipe, plan=result, families=families)
     return model

@@ -2,9 +2,10 @@
 
 Set step by step by the functions that know each part: `qat.models.registry.build_model` (the
 builder and its arguments, so a loader can rebuild the float skeleton), `qat.prepare` (the
-recipe and the plan), `qat.convert` (the float32 size and the BatchNorms folded into convs) and
-`qat.load` (all of them, from the manifest). `qat.save` writes it into the manifest. Read it with
-`provenance(model)`; nothing else about a model's history is stored on the model.
+recipe, the plan and the layer families), `qat.convert` (the float32 size and the BatchNorms
+folded into convs) and `qat.load` (all of them, from the manifest and the families it is given).
+`qat.save` writes it into the manifest. Read it with `provenance(model)`; nothing else about a
+model's history is stored on the model.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 from qat.quant.recipe import Recipe
 
 if TYPE_CHECKING:  # the plan is data; importing it here would tie this module to planning
+    from qat.quant.family import Families
     from qat.quant.plan import Plan
 
 ATTRIBUTE = "qat_provenance"
@@ -42,6 +44,9 @@ class Provenance:
     plan: Plan | None = None  # set by prepare (not by load: a loaded model is not re-planned)
     float_bytes: int | None = None  # float32 state_dict bytes of the prepared model (convert)
     folded_bn: tuple[str, ...] = ()  # BatchNorms folded or merged into convs (convert)
+    # The layer families the model was prepared (or loaded) with: convert and the ONNX export
+    # read the integer class and ONNX builder of each layer from them.
+    families: Families | None = None
 
 
 def provenance(model: nn.Module) -> Provenance:

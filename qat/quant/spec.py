@@ -91,16 +91,22 @@ def check_integer_layout(
     weight_ndim: int,
     input_granularities: tuple[str, ...],
     where: str,
+    output_axis: int = 0,
 ) -> None:
     """A layer with a quantized input and weight runs as integers, factoring the scales out of
     each dot product: refuse specs whose scales vary inside one (checked at `plan`, and by
-    the integer layers)."""
+    the integer layers). `output_axis` is the weight's output-channel dim (1 for transposed
+    convolutions, whose weight is (in, out, *k))."""
     if weight is None or input is None:
         return
-    if weight.granularity == "per_channel" and weight.axis % weight_ndim != 0:
-        raise _fail(f"{weight.path}.axis", weight.axis, f"0 (output channels) for {where}: "
-                    "scales along another axis vary inside each dot product of its quantized "
-                    "input")
+    if weight.granularity == "per_channel" and weight.axis % weight_ndim != output_axis:
+        raise _fail(f"{weight.path}.axis", weight.axis, f"{output_axis} (output channels) for "
+                    f"{where}: scales along another axis vary inside each dot product of its "
+                    "quantized input")
+    if weight.granularity == "per_group" and output_axis != 0:
+        raise _fail(f"{weight.path}.granularity", "per_group", f"per_tensor or per_channel "
+                    f"(axis {output_axis}) for {where}: its groups would run across output "
+                    "channels")
     if input.granularity not in input_granularities:
         raise _fail(f"{input.path}.granularity", input.granularity,
                     f"{' or '.join(input_granularities)} for {where} (its input scales must "

@@ -7,19 +7,19 @@ import qat
 
 
 def test_the_plan_names_what_no_fake_quant_class_covers():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    cfg = GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=16, n_positions=8)
-    gpt2 = GPT2LMHeadModel(cfg)
-    recipe = {"rules": [{"match": {"types": ["Linear", "Embedding"]}, "weight": {"bits": 8}}]}
-    p = qat.plan(gpt2, recipe)
-    # transformers' Conv1D holds GPT-2's attention and MLP matrices as (in, out): float for now.
-    assert p.unquantizable == {f"transformer.h.0.{n}": "Conv1D" for n in
-                               ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
-    assert "not quantizable, stays float: 4 module(s) of type Conv1D" in p.summary()
-    assert "transformer.h.0.attn.c_attn" in str(p)
-    with pytest.warns(UserWarning, match=r"^not quantizable, stays float: 4 module\(s\)") as seen:
-        qat.prepare(gpt2, recipe)
+    m = nn.Sequential(nn.Linear(4, 8), nn.Bilinear(4, 4, 4), nn.MultiheadAttention(4, 2))
+    recipe = {"rules": [{"match": {"types": ["Linear"]}, "weight": {"bits": 8}}]}
+    p = qat.plan(m, recipe)
+    # MultiheadAttention's in-projection is a raw parameter, and it reads out_proj's weight
+    # without calling out_proj: a fake-quant out_proj would never run.
+    assert p.unquantizable == {"1": "Bilinear", "2": "MultiheadAttention",
+                               "2.out_proj": "NonDynamicallyQuantizableLinear"}  # fmt: skip
+    assert [lp.name for lp in p.quantized()] == ["0"]
+    note = "not quantizable, stays float: 3 module(s) of type Bilinear (1); "
+    assert note + "MultiheadAttention (2); NonDynamicallyQuantizableLinear (2.out_proj)" in \
+        p.summary()
+    with pytest.warns(UserWarning, match=r"^not quantizable, stays float: 3 module\(s\)") as seen:
+        qat.prepare(m, recipe)
     assert len([w for w in seen if "not quantizable" in str(w.message)]) == 1
 
 

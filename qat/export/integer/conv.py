@@ -50,6 +50,15 @@ class _IntConvNd(IntLayer):
         self._init_quant_state(shape, weight_spec, input_spec, output_spec, bias)
         self.check_integer_layout(type(self).__name__, QATConv2d.INTEGER_INPUTS)
 
+    @classmethod
+    def from_qat(cls, mod, weight_spec, input_spec, output_spec) -> _IntConvNd:
+        padding = mod.padding if isinstance(mod.padding, str) else list(mod.padding)
+        return cls(
+            mod.in_channels, mod.out_channels, list(mod.kernel_size), list(mod.stride), padding,
+            list(mod.dilation), mod.groups, mod.padding_mode, mod.export_bias() is not None,
+            weight_spec, input_spec, output_spec,
+        )  # fmt: skip
+
     def layer_args(self) -> dict[str, Any]:
         args: dict[str, Any] = {
             "in_channels": self.in_channels,

@@ -38,6 +38,14 @@ class IntEmbedding(IntLayer):
         shape = (num_embeddings, embedding_dim)
         self._init_quant_state(shape, weight_spec, None, output_spec, bias=False)
 
+    @classmethod
+    def from_qat(cls, mod, weight_spec, input_spec, output_spec) -> IntEmbedding:
+        if mod.max_norm is not None:
+            raise ValueError("Embedding(max_norm=...) renormalizes its table on every lookup; "
+                             "integer export does not support it")  # fmt: skip
+        return cls(mod.num_embeddings, mod.embedding_dim, mod.padding_idx, weight_spec,
+                   input_spec, output_spec)  # fmt: skip
+
     def layer_args(self) -> dict[str, Any]:
         return {
             "num_embeddings": self.num_embeddings,

@@ -46,7 +46,10 @@ class IntLayer(nn.Module):
         input_spec: QuantSpec | None,
         output_spec: QuantSpec | None,
         bias: bool,
+        out_channels: int | None = None,
     ) -> None:
+        """Buffers for a weight of `weight_shape` and a bias of `out_channels` (default: the
+        weight's first dim, its output channels except in transposed convolutions)."""
         self.weight_shape = tuple(weight_shape)
         # Parity runs set this to align rounding ties with the reference (`parity.align`).
         self.align_act = None
@@ -63,7 +66,8 @@ class IntLayer(nn.Module):
             self.register_buffer("weight_scale", torch.ones(pshape, dtype=_scale_dtype(ws)))
             if not ws.symmetric:
                 self.register_buffer("weight_zero_point", torch.zeros(pshape, dtype=torch.uint8))
-        self.register_buffer("bias", torch.zeros(weight_shape[0]) if bias else None)
+        n_out = weight_shape[0] if out_channels is None else out_channels
+        self.register_buffer("bias", torch.zeros(n_out) if bias else None)
         for role, spec in (("input", input_spec), ("output", output_spec)):
             if spec is None or spec.dynamic:
                 continue
@@ -75,6 +79,17 @@ class IntLayer(nn.Module):
                 self.register_buffer(f"{role}_zero_point", torch.zeros((), dtype=torch.uint8))
 
     # -- filling from a trained fake-quant layer ----------------------------------------------
+    @classmethod
+    def from_qat(
+        cls,
+        mod: nn.Module,
+        weight_spec: QuantSpec | None,
+        input_spec: QuantSpec | None,
+        output_spec: QuantSpec | None,
+    ) -> IntLayer:
+        """An empty integer layer shaped like fake-quant layer `mod` (`convert` fills it)."""
+        raise NotImplementedError
+
     @torch.no_grad()
     def set_weight(
         self, w: torch.Tensor, scale: torch.Tensor | None = None, zp: torch.Tensor | None = None
@@ -166,10 +181,12 @@ class IntLayer(nn.Module):
             y = y + self.bias.to(torch.float64).reshape(shape)
         return y.float()
 
-    def check_integer_layout(self, name: str, input_granularities: tuple[str, ...]) -> None:
+    def check_integer_layout(
+        self, name: str, input_granularities: tuple[str, ...], output_axis: int = 0
+    ) -> None:
         """The integer path factors scales out of each dot product: check that it can."""
         check_integer_layout(self.weight_spec, self.input_spec, len(self.weight_shape),
-                             input_granularities, name)
+                             input_granularities, name, output_axis)  # fmt: skip
 
     # -- description --------------------------------------------------------------------------
     def layer_args(self) -> dict[str, Any]:

@@ -47,6 +47,11 @@ class IntLinear(IntLayer):
         )
         self.check_integer_layout(type(self).__name__, QATLinear.INTEGER_INPUTS)
 
+    @classmethod
+    def from_qat(cls, mod, weight_spec, input_spec, output_spec) -> IntLinear:
+        return cls(mod.in_features, mod.out_features, mod.export_bias() is not None,
+                   weight_spec, input_spec, output_spec)  # fmt: skip
+
     def layer_args(self) -> dict[str, Any]:
         return {
             "in_features": self.in_features,

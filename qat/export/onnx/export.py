@@ -41,7 +41,9 @@ from qat.export.onnx import cpu
 from qat.export.onnx import graph as onnx_graph
 from qat.export.onnx.layers import OnnxLayer
 from qat.io import atomic_write
+from qat.quant.family import Families
 from qat.quant.modules import QATMixin
+from qat.quant.provenance import provenance
 
 OPSET = 21
 TARGET_KEY = "qat.target"
@@ -133,7 +135,9 @@ class _Positional(nn.Module):
 
 
 @contextlib.contextmanager
-def _swapped(root: _Positional, target: str) -> Iterator[dict[str, OnnxLayer]]:
+def _swapped(
+    root: _Positional, target: str, families: Families
+) -> Iterator[dict[str, OnnxLayer]]:
     """Every `IntLayer` under `root` replaced by its `OnnxLayer`, at every path that holds it
     (a layer shared by two parents is one layer); restored afterwards. Names are relative to
     the integer model (the root's child)."""
@@ -143,7 +147,11 @@ def _swapped(root: _Positional, target: str) -> Iterator[dict[str, OnnxLayer]]:
     for path, m in paths:
         if id(m) not in wrappers:
             name = path.removeprefix(ROOT).removeprefix(".")
-            wrappers[id(m)] = OnnxLayer(m, name, cpu.shifted_weights(m, target))
+            emit = families.of_int(m).onnx
+            if emit is None:
+                raise ValueError(f"{name}: the layer family of {type(m).__name__} has no ONNX "
+                                 "form; export this model with formats=[qat] only")  # fmt: skip
+            wrappers[id(m)] = OnnxLayer(m, name, cpu.shifted_weights(m, target), emit)
 
     def put(path: str, mod: nn.Module) -> None:
         parent, _, child = path.rpartition(".")
@@ -200,6 +208,9 @@ def export_onnx(
     cpu.check_weights_for(int_model, target)
     inputs = (example_inputs,) if torch.is_tensor(example_inputs) else tuple(example_inputs)
     names = list(input_names or [f"input_{i}" for i in range(len(inputs))])
+    families = provenance(int_model).families  # the integer layers' ONNX builders
+    if families is None:
+        raise ValueError("export_onnx takes the integer model that qat.convert or qat.load made")
     was_training = int_model.training
     int_model.eval()
     try:
@@ -210,7 +221,7 @@ def export_onnx(
             axes = _axes(inputs, outputs, names, out_names)
         buf = io.BytesIO()
         root = _Positional(int_model)
-        with _swapped(root, target) as wrappers, warnings.catch_warnings():
+        with _swapped(root, target, families) as wrappers, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # legacy-exporter and opset-21 notices
             torch.onnx.export(
                 root, inputs, buf, dynamo=False, opset_version=OPSET,

@@ -9,12 +9,13 @@ integer zero points. Its forward is `_IntOp.apply`, whose `forward` runs the int
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from qat.export.integer import IntConv1d, IntConv2d, IntEmbedding, IntLinear
+from qat.export.integer import IntEmbedding, IntLinear
 from qat.export.integer.layer import IntLayer
 from qat.export.onnx import ops
 from qat.quant.spec import QuantSpec
@@ -56,9 +57,11 @@ class OnnxLayer(nn.Module):
         (torch.Size([4, 2]), torch.int8, 1)
     """
 
-    def __init__(self, layer: IntLayer, name: str, shift: bool = False) -> None:
+    def __init__(self, layer: IntLayer, name: str, shift: bool = False,
+                 emit: Callable[..., Any] | None = None) -> None:
         super().__init__()
         self.layer, self.name, self.shift = layer, name, shift
+        self.emit = emit  # the layer family's ONNX builder, see `_layer_graph`
         ws = layer.weight_spec
         self.axis: int | None = None
         self.block: int | None = None
@@ -70,8 +73,9 @@ class OnnxLayer(nn.Module):
             tensors.update(self._weight(layer, ws))
         if layer.bias is not None:
             b = layer.bias.detach().float().clone()
-            if isinstance(layer, (IntConv1d, IntConv2d)):
-                b = b.reshape(-1, *[1] * layer.N_DIM)  # (O, 1, ...) broadcasts over (B, O, ...)
+            n_dim = getattr(layer, "N_DIM", None)  # convolutions: (O, 1, ...) over (B, O, ...)
+            if n_dim is not None:
+                b = b.reshape(-1, *[1] * n_dim)
             tensors["bias"] = b
         tensors.update(_act_tensors(layer, "input"))
         tensors.update(_act_tensors(layer, "output"))
@@ -147,7 +151,8 @@ def _last_dim(layer: IntLayer, role: str) -> int | None:
     return None
 
 
-def _weight(g: Any, mod: OnnxLayer, t: dict) -> Any:
+def weight_graph(g: Any, mod: OnnxLayer, t: dict) -> Any:
+    """The layer's weight as the op takes it: the float initializer, or DequantizeLinear."""
     if mod.layer.weight_spec is None:
         return t["weight"]
     w = ops.dequant_weight(g, t["weight_q"], t["weight_scale"], t["weight_zero_point"],
@@ -159,23 +164,21 @@ def _weight(g: Any, mod: OnnxLayer, t: dict) -> Any:
 
 
 def _layer_graph(g: Any, mod: OnnxLayer, x: Any, t: dict, key: str) -> Any:
-    layer = mod.layer
-    if isinstance(layer, IntEmbedding):
-        y = _embedding(g, mod, x, t)
-    elif isinstance(layer, IntLinear):
-        y = g.op("MatMul", _act(g, mod, x, t, "input", key), _weight(g, mod, t))
-        if t["bias"] is not None:
-            y = g.op("Add", y, t["bias"])
-    elif isinstance(layer, (IntConv1d, IntConv2d)):
-        y = _conv(g, mod, _act(g, mod, x, t, "input", key), _weight(g, mod, t), t["bias"])
-    else:  # pragma: no cover - convert() only makes the layers above
-        raise TypeError(f"{mod.name}: no ONNX export for {type(layer).__name__}")
+    """Input quantizer, the family's op, output quantizer, each marked for the parity gate."""
+    y = mod.emit(g, mod, _act(g, mod, x, t, "input", key), t)
     y = _act(g, mod, y, t, "output", key)
     return ops.tap(g, y, key.format("out"))
 
 
-def _conv(g: Any, mod: OnnxLayer, x: Any, w: Any, bias: Any) -> Any:
-    layer = mod.layer
+def linear_graph(g: Any, mod: OnnxLayer, x: Any, t: dict) -> Any:
+    """`IntLinear`: MatMul with the (in, out) weight, then the float bias."""
+    y = g.op("MatMul", x, weight_graph(g, mod, t))
+    return y if t["bias"] is None else g.op("Add", y, t["bias"])
+
+
+def conv_graph(g: Any, mod: OnnxLayer, x: Any, t: dict) -> Any:
+    """`IntConv1d`/`IntConv2d`: Pad for non-zero padding modes, Conv, then the float bias."""
+    layer, w, bias = mod.layer, weight_graph(g, mod, t), t["bias"]
     n = layer.N_DIM
     pad_twice = list(layer._pad_twice)  # F.pad order: (last_lo, last_hi, prev_lo, prev_hi, ...)
     lo = [pad_twice[2 * (n - 1 - i)] for i in range(n)]
@@ -195,8 +198,21 @@ def _conv(g: Any, mod: OnnxLayer, x: Any, w: Any, bias: Any) -> Any:
     return y if bias is None else g.op("Add", y, bias)
 
 
-def _embedding(g: Any, mod: OnnxLayer, idx: Any, t: dict) -> Any:
-    """Gather code rows, then `(q - z) * s` with Cast/Sub/Mul: the executor's expression.
+def conv_transpose_graph(g: Any, mod: OnnxLayer, x: Any, t: dict) -> Any:
+    """`IntConvTranspose2d`: ConvTranspose (weight dequantized along axis 1), then the bias."""
+    layer = mod.layer
+    y = g.op(
+        "ConvTranspose", x, weight_graph(g, mod, t), kernel_shape_i=list(layer.kernel_size),
+        strides_i=list(layer.stride), pads_i=list(layer.padding) * 2,
+        output_padding_i=list(layer.output_padding), dilations_i=list(layer.dilation),
+        group_i=layer.groups,
+    )  # fmt: skip
+    return y if t["bias"] is None else g.op("Add", y, t["bias"])
+
+
+def embedding_graph(g: Any, mod: OnnxLayer, idx: Any, t: dict) -> Any:
+    """`IntEmbedding`: Gather code rows, then `(q - z) * s` with Cast/Sub/Mul (the executor's
+    expression).
 
     Not DequantizeLinear: the scales of gathered rows vary per token (a blocked DQ would do,
     but ONNX Runtime runs it slowly and duplicates it for every consumer).
