@@ -1,5 +1,5 @@
 """GGUF (llama.cpp) export of the llama-style GPT, with Q4_0 / Q8_0 blocks taken from the
-trained integer codes.
+integer model's codes and scales.
 
 A Linear whose weight spec is symmetric, per group of 32, 4 or 8 bits, maps exactly onto
 llama.cpp's Q4_0 / Q8_0: one fp16 scale per 32 weights and `value = code * scale`
@@ -16,36 +16,26 @@ import numpy as np
 import torch
 from torch import nn
 
+from qat.export.integer.layer import IntLayer
 from qat.io import atomic_path
-from qat.quant import grid
-from qat.quant.modules import QATMixin
 
 BLOCK = 32
 
 
-def gguf_type_for(mod: nn.Module) -> str:
-    """`Q4_0`, `Q8_0` or `F32`: how a (fake-quant) layer's weight is stored."""
-    fq = getattr(mod, "weight_quant", None)
-    if not isinstance(mod, QATMixin) or fq is None:
+def gguf_type_for(mod: nn.Module, name: str) -> str:
+    """`Q4_0`, `Q8_0` or `F32`: how an integer layer's weight (or a float module's) is stored."""
+    s = mod.weight_spec if isinstance(mod, IntLayer) else None
+    if s is None:
         return "F32"
-    s = fq.spec
     ok = s.symmetric and not s.narrow_range and s.granularity == "per_group"
     if ok and s.group_size == BLOCK and s.bits in (4, 8):
         if s.scale_dtype != "fp16":
             raise ValueError(
-                f"{mod.qat_name}: GGUF stores fp16 block scales; train with scale_dtype: fp16 "
+                f"{name}: GGUF stores fp16 block scales; train with scale_dtype: fp16 "
                 "so the file holds exactly the trained weights"
             )
         return "Q4_0" if s.bits == 4 else "Q8_0"
     return "F32"
-
-
-def _codes_and_scales(mod: QATMixin) -> tuple[torch.Tensor, torch.Tensor]:
-    fq = mod.weight_quant
-    w = mod.weight.detach()
-    s, z = (t.detach() for t in fq.qparams())
-    q = grid.quantize(w, s, z, fq.spec).to(torch.int8)  # (out, in)
-    return q, s  # s: (out, in / 32)
 
 
 def q4_0_blocks(q: torch.Tensor, s: torch.Tensor) -> np.ndarray:
@@ -77,26 +67,30 @@ def _rope_permute(t: np.ndarray, n_head: int) -> np.ndarray:
     )
 
 
-def _tensor(mod: nn.Module, permute_heads: int | None = None):
-    kind = gguf_type_for(mod)
+def _tensor(model: nn.Module, name: str, permute_heads: int | None = None):
+    mod = model.get_submodule(name)
+    kind = gguf_type_for(mod, name)
     if kind == "F32":
-        data = (mod.quantized_weight() if isinstance(mod, QATMixin) else mod.weight).detach()
-        arr = data.float().numpy()
-    else:
-        q, s = _codes_and_scales(mod)
+        data = mod.dequantized_weight() if isinstance(mod, IntLayer) else mod.weight
+        arr = data.detach().float().numpy()
+    else:  # the codes and fp16 scales convert stored: what the parity gate checked
+        q, s = mod.int_weight().to(torch.int8), mod.weight_scale.float()  # (out, in), (out, G)
         arr = q4_0_blocks(q, s) if kind == "Q4_0" else q8_0_blocks(q, s)
     if permute_heads:
         arr = _rope_permute(arr, permute_heads)
     return arr, kind
 
 
-def write_gguf(model: nn.Module, path: str | Path, vocab: list[str] | None = None) -> Path:
-    """Write the (prepared, trained) llama-style `GPT` as a GGUF file, atomically.
+def write_gguf(int_model: nn.Module, path: str | Path, vocab: list[str] | None = None) -> Path:
+    """Write the llama-style `GPT` as a GGUF file, atomically, from its integer model (what
+    `qat.convert` made and the parity gate checked: the same road to integer codes as the
+    artifact and ONNX).
 
     `vocab` is the character vocabulary (id -> string; id 0 the unknown token).
     """
     import gguf
 
+    model = int_model
     cfg = getattr(model, "config", None)
     if cfg is None or not hasattr(model, "blocks") or not hasattr(model, "lm_head"):
         raise ValueError("GGUF export supports qat's llama-style GPT (builder 'gpt') only")
@@ -126,20 +120,23 @@ def write_gguf(model: nn.Module, path: str | Path, vocab: list[str] | None = Non
 
 
 def _tensors(model: nn.Module, cfg):
-    yield ("token_embd.weight", *_tensor(model.tok_emb))
-    for i, blk in enumerate(model.blocks):
-        p = f"blk.{i}"
-        yield (f"{p}.attn_norm.weight", blk.attn_norm.weight.detach().float().numpy(), "F32")
-        yield (f"{p}.attn_q.weight", *_tensor(blk.attn.q_proj, cfg.n_head))
-        yield (f"{p}.attn_k.weight", *_tensor(blk.attn.k_proj, cfg.n_head))
-        yield (f"{p}.attn_v.weight", *_tensor(blk.attn.v_proj))
-        yield (f"{p}.attn_output.weight", *_tensor(blk.attn.o_proj))
-        yield (f"{p}.ffn_norm.weight", blk.mlp_norm.weight.detach().float().numpy(), "F32")
-        yield (f"{p}.ffn_gate.weight", *_tensor(blk.mlp.gate_proj))
-        yield (f"{p}.ffn_up.weight", *_tensor(blk.mlp.up_proj))
-        yield (f"{p}.ffn_down.weight", *_tensor(blk.mlp.down_proj))
-    yield ("output_norm.weight", model.norm.weight.detach().float().numpy(), "F32")
-    yield ("output.weight", *_tensor(model.lm_head))
+    def norm(name: str) -> np.ndarray:
+        return model.get_submodule(name).weight.detach().float().numpy()
+
+    yield ("token_embd.weight", *_tensor(model, "tok_emb"))
+    for i in range(len(model.blocks)):
+        p, b = f"blk.{i}", f"blocks.{i}"
+        yield (f"{p}.attn_norm.weight", norm(f"{b}.attn_norm"), "F32")
+        yield (f"{p}.attn_q.weight", *_tensor(model, f"{b}.attn.q_proj", cfg.n_head))
+        yield (f"{p}.attn_k.weight", *_tensor(model, f"{b}.attn.k_proj", cfg.n_head))
+        yield (f"{p}.attn_v.weight", *_tensor(model, f"{b}.attn.v_proj"))
+        yield (f"{p}.attn_output.weight", *_tensor(model, f"{b}.attn.o_proj"))
+        yield (f"{p}.ffn_norm.weight", norm(f"{b}.mlp_norm"), "F32")
+        yield (f"{p}.ffn_gate.weight", *_tensor(model, f"{b}.mlp.gate_proj"))
+        yield (f"{p}.ffn_up.weight", *_tensor(model, f"{b}.mlp.up_proj"))
+        yield (f"{p}.ffn_down.weight", *_tensor(model, f"{b}.mlp.down_proj"))
+    yield ("output_norm.weight", norm("norm"), "F32")
+    yield ("output.weight", *_tensor(model, "lm_head"))
 
 
 def _add_vocab(w, gguf, vocab: list[str] | None, size: int) -> None:

@@ -49,7 +49,7 @@ def export_trained(job: Job, model: torch.nn.Module, dm: Any) -> tuple[torch.nn.
         from qat.export.gguf import write_gguf
 
         vocab = list(dm.vocab) if hasattr(dm, "vocab") else None
-        out["gguf"] = str(write_gguf(model, out_dir / "export" / "model.gguf", vocab=vocab))
+        out["gguf"] = str(write_gguf(int_model, out_dir / "export" / "model.gguf", vocab=vocab))
     if "onnx" in job.formats:
         from qat.export.onnx import export_onnx
         from qat.export.onnx.parity import gate_onnx

@@ -32,7 +32,7 @@ def trained_gpt(recipe: str):
 def test_gguf_weights_equal_the_fake_quant_weights_bit_for_bit(tmp_path, recipe, qtype):
     model = trained_gpt(recipe)
     vocab = ["\ufffd"] + [chr(c) for c in range(32, 32 + 66)]
-    path = write_gguf(model, tmp_path / "model.gguf", vocab=vocab)
+    path = write_gguf(qat.convert(model), tmp_path / "model.gguf", vocab=vocab)
     reader = gguf.GGUFReader(path)
     tensors = {t.name: t for t in reader.tensors}
     n_head = model.config.n_head
@@ -88,7 +88,7 @@ def test_gguf_refuses_fp32_block_scales_and_other_models(tmp_path):
     fq = model.blocks[0].attn.q_proj.weight_quant
     object.__setattr__(fq.spec, "scale_dtype", "fp32")
     with pytest.raises(ValueError, match=r"blocks\.0\.attn\.q_proj: GGUF stores fp16 block scales"):
-        write_gguf(model, tmp_path / "m.gguf")
+        write_gguf(qat.convert(model), tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
     with pytest.raises(ValueError, match="llama-style GPT"):
         write_gguf(build_model("cnn"), tmp_path / "c.gguf")
