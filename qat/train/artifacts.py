@@ -14,8 +14,8 @@ import qat
 from qat.export import export_model, read_manifest
 from qat.models.registry import build_model
 from qat.train.checkpoint import model_state
+from qat.train.objectives import model_forward
 from qat.train.preflight import Job
-from qat.train.tasks import model_forward
 
 
 def export_trained(job: Job, model: torch.nn.Module, dm: Any) -> tuple[torch.nn.Module, dict]:
@@ -24,15 +24,15 @@ def export_trained(job: Job, model: torch.nn.Module, dm: Any) -> tuple[torch.nn.
     Returns the integer model and a summary (paths, parity figures). A parity failure raises
     `ParityError` with the report, and nothing is saved.
     """
-    task, exp, out_dir = job.objective, job.cfg.export, job.out_dir
+    objective, exp, out_dir = job.objective, job.cfg.export, job.out_dir
     model.eval()
     model.apply(qat.quant.disable_observer)
     batches = list(islice(iter(dm.val_dataloader()), int(exp.get("batches", 1))))
 
     def forward(m: torch.nn.Module, b: Any) -> torch.Tensor:
-        return model_forward(task, m, b)
+        return model_forward(objective, m, b)
 
-    embedding = task == "embedding"
+    embedding = objective == "embedding"
     int_model, report, path = export_model(
         model,
         batches,
@@ -41,7 +41,7 @@ def export_trained(job: Job, model: torch.nn.Module, dm: Any) -> tuple[torch.nn.
         max_rel_error=float(exp.max_rel_error),
         min_top1_agreement=None if embedding else float(exp.min_top1_agreement),
         min_cosine=float(exp.get("min_cosine", 0.9999)) if embedding else None,
-        extra={"task": task, "run_name": str(job.cfg.get("run_name"))},
+        extra={"objective": objective, "run_name": str(job.cfg.get("run_name"))},
         overwrite=True,
     )
     out: dict[str, Any] = {"qat": str(path), "parity": report.to_dict()}
@@ -54,7 +54,7 @@ def export_trained(job: Job, model: torch.nn.Module, dm: Any) -> tuple[torch.nn.
         from qat.export.onnx import export_onnx
         from qat.export.onnx.parity import gate_onnx
 
-        inputs = [_as_inputs(task, b) for b in batches]
+        inputs = [_as_inputs(objective, b) for b in batches]
         names = ["input_ids", "attention_mask"] if embedding else ["x"]
         target = str(exp.get("onnx", {}).get("target", "any"))
         onnx_path = export_onnx(int_model, inputs[0], out_dir / "export" / "model.onnx", names,
@@ -68,8 +68,8 @@ def export_trained(job: Job, model: torch.nn.Module, dm: Any) -> tuple[torch.nn.
     return int_model, out
 
 
-def _as_inputs(task: str, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    if task == "embedding":
+def _as_inputs(objective: str, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    if objective == "embedding":
         return (batch["input_ids"], batch["attention_mask"])
     return (batch["x"],)
 

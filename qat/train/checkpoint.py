@@ -111,11 +111,19 @@ def differences(a: Any, b: Any, path: str) -> list[str]:
     return [] if a == b else [f"{path}: checkpoint {a!r}, this run {b!r}"]
 
 
+def objective_of(meta: dict[str, Any] | None) -> str | None:
+    """The objective a checkpoint's or artifact's metadata names (stored as "task" before the
+    key was renamed, so older files still check)."""
+    meta = meta or {}
+    return meta.get("objective", meta.get("task"))
+
+
 def check_meta(saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
-    """Refuse a checkpoint made with another model, recipe or task, naming the difference."""
+    """Refuse a checkpoint made with another model, recipe or objective, naming the difference."""
     if saved is None:
         raise ValueError("checkpoint has no qat metadata: it was not written by qat's trainer")
-    for key in ("task", "model", "recipe"):
+    saved = {**saved, "objective": objective_of(saved)}
+    for key in ("objective", "model", "recipe"):
         if key in current and saved.get(key) != current.get(key):
             diffs = differences(saved.get(key), current.get(key), key)
             more = f" (and {len(diffs) - 5} more)" if len(diffs) > 5 else ""

@@ -21,13 +21,13 @@ from lightning.pytorch.callbacks import RichProgressBar
 from rich.console import Console
 from rich.table import Table
 
-from qat.train.tasks import METRIC
+from qat.train.objectives import METRIC
 
 # Library warnings that say nothing to a user of this project.
 _NOISE = (
     r".*does not have many workers.*",  # CPU runs load in-process by design
     r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
-    # Metrics are deliberately not synced: every rank evaluates the whole split (TaskMetrics).
+    # Metrics are deliberately not synced: every rank evaluates the whole split (ObjectiveMetrics).
     r".*when logging on epoch level in distributed setting.*",
     # A resumed run writes into a folder of its own by design (the old run stays whole).
     r"The dirpath has changed from.*",

@@ -1,4 +1,4 @@
-"""`QATModule`: the LightningModule that trains a (prepared or float) model on one task."""
+"""`QATModule`: the LightningModule that trains a (prepared or float) model on one objective."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from torch import nn
 
 from qat.quant import FakeQuantizer, quantizers
 from qat.train.checkpoint import check_meta
-from qat.train.tasks import TaskMetrics, check_task, model_forward, task_loss
+from qat.train.objectives import ObjectiveMetrics, check_objective, model_forward, objective_loss
 
 
 def param_groups(
@@ -84,7 +84,7 @@ def set_dropout(model: nn.Module, p: float) -> int:
 
 
 class QATModule(L.LightningModule):
-    """Trains `model` for `task` (`classification`, `causal_lm`, `embedding`).
+    """Trains `model` for `objective` (`classification`, `causal_lm`, `embedding`).
 
     `teacher` (a frozen float copy) enables distillation: required for `embedding`, optional
     (`kd_weight > 0`) for the others. `meta` (builder, recipe) is stored in checkpoints and
@@ -92,7 +92,7 @@ class QATModule(L.LightningModule):
     `dropout` (not None) sets every dropout layer's probability (see `set_dropout`).
 
     Example:
-        >>> m = QATModule(nn.Linear(4, 3), task="classification", num_classes=3)
+        >>> m = QATModule(nn.Linear(4, 3), objective="classification", num_classes=3)
         >>> m.training_step({"x": torch.randn(8, 4), "y": torch.zeros(8, dtype=torch.long)}, 0)
         tensor(..., grad_fn=<NllLossBackward0>)
     """
@@ -100,7 +100,7 @@ class QATModule(L.LightningModule):
     def __init__(
         self,
         model: nn.Module,
-        task: str,
+        objective: str,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         quant_lr_mult: float = 1.0,
@@ -120,7 +120,7 @@ class QATModule(L.LightningModule):
         self.model = model
         if dropout is not None:
             set_dropout(model, dropout)
-        self.task = check_task(task)
+        self.objective = check_objective(objective)
         self.lr, self.weight_decay, self.quant_lr_mult = lr, weight_decay, quant_lr_mult
         if optimizer not in ("adamw", "sgd"):
             raise ValueError(f"module.optimizer: got {optimizer!r}; allowed: adamw, sgd")
@@ -137,7 +137,7 @@ class QATModule(L.LightningModule):
         self._teacher = [teacher.eval().requires_grad_(False)] if teacher is not None else []
         self.meta = dict(meta or {})
         self.metrics = nn.ModuleDict(
-            {s: TaskMetrics(task, num_classes) for s in ("train_", "val", "test")}
+            {s: ObjectiveMetrics(objective, num_classes) for s in ("train_", "val", "test")}
         )
 
     @property
@@ -145,19 +145,19 @@ class QATModule(L.LightningModule):
         return self._teacher[0] if self._teacher else None
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return model_forward(self.task, self.model, batch)
+        return model_forward(self.objective, self.model, batch)
 
     def _teacher_out(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        needs = self.task == "embedding" or self.kd_weight > 0
+        needs = self.objective == "embedding" or self.kd_weight > 0
         if self.teacher is None or not needs:
             return None
         with torch.no_grad():
-            return model_forward(self.task, self.teacher.to(self.device), batch)
+            return model_forward(self.objective, self.teacher.to(self.device), batch)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self(batch)
-        loss = task_loss(
-            self.task,
+        loss = objective_loss(
+            self.objective,
             out,
             batch,
             self._teacher_out(batch),
@@ -189,7 +189,7 @@ class QATModule(L.LightningModule):
     def _eval_step(self, split: str, batch: dict[str, torch.Tensor]) -> None:
         out = self(batch)
         self.metrics[split].update(
-            out, batch, self._teacher_out(batch) if self.task == "embedding" else None
+            out, batch, self._teacher_out(batch) if self.objective == "embedding" else None
         )
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

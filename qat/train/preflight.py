@@ -20,7 +20,7 @@ import qat
 from qat.export import read_manifest
 from qat.quant.plan import Plan
 from qat.quant.recipe import Recipe
-from qat.train.checkpoint import Checkpoint, check_meta, find_last_checkpoint
+from qat.train.checkpoint import Checkpoint, check_meta, find_last_checkpoint, objective_of
 from qat.train.model_spec import ModelSpec
 
 COMMANDS = ("train", "eval", "export")
@@ -71,7 +71,7 @@ NUMBERS: dict[str, tuple[Any, str]] = {
     "module.warmup_steps": _int(0),
     "module.kd_weight": _num(0.0, 1.0),
     "module.kd_temperature": _num(0.0, open_lo=True),
-    "module.task": _choice(*OBJECTIVES),
+    "module.objective": _choice(*OBJECTIVES),
     "module.optimizer": _choice("adamw", "sgd"),
     "module.distill_loss": _choice("cosine", "mse"),
     "module.dropout": _either(_choice(None), _num(0.0, 0.999999)),
@@ -150,14 +150,17 @@ def _formats(cfg: DictConfig, model: ModelSpec) -> tuple[str, ...]:
     return tuple(["qat"] + [f for f in formats if f != "qat"])  # the gated artifact first
 
 
-def check_target(what: str, cfg_task: str, cfg_builder: str, task: str | None,
+def check_target(what: str, cfg_objective: str, cfg_builder: str, objective: str | None,
                  builder: str | None) -> None:
     """A checkpoint or artifact is evaluated on this config's data: refuse one made for
     another objective or model (it would fail deep in a layer, or measure nonsense)."""
-    if (task is not None and task != cfg_task) or (builder is not None and builder != cfg_builder):
-        made = f"task {task!r} with model builder {builder!r}" if task else f"model {builder!r}"
+    if (objective is not None and objective != cfg_objective) or \
+            (builder is not None and builder != cfg_builder):
+        made = (f"objective {objective!r} with model builder {builder!r}" if objective
+                else f"model {builder!r}")  # fmt: skip
         raise ValueError(
-            f"{what} was made for {made}, but this config has module.task={cfg_task!r} and "
+            f"{what} was made for {made}, but this config has "
+            f"module.objective={cfg_objective!r} and "
             f"model.builder={cfg_builder!r}: evaluate it with the experiment it was trained "
             "with (e.g. experiment=minilm_w8a8_kd; the training run's overrides are in "
             "<run dir>/.hydra/overrides.yaml)"
@@ -167,7 +170,7 @@ def check_target(what: str, cfg_task: str, cfg_builder: str, task: str | None,
 def _check_origin(ckpt: Checkpoint, objective: str, model: ModelSpec,
                   recipe: Recipe | None = None) -> None:
     """Refuse a checkpoint of another objective, model or (when given) recipe."""
-    current: dict[str, Any] = {"task": objective, "model": model.matching(ckpt.meta)}
+    current: dict[str, Any] = {"objective": objective, "model": model.matching(ckpt.meta)}
     if recipe is not None:
         current["recipe"] = recipe.to_dict()
     check_meta(ckpt.meta, current)
@@ -175,7 +178,7 @@ def _check_origin(ckpt: Checkpoint, objective: str, model: ModelSpec,
 
 def needs_teacher(cfg: DictConfig) -> bool:
     """Whether the QAT stage distils from the trained float model."""
-    return cfg.module.task == "embedding" or float(cfg.module.get("kd_weight") or 0) > 0
+    return cfg.module.objective == "embedding" or float(cfg.module.get("kd_weight") or 0) > 0
 
 
 def _train_job(cfg: DictConfig, base: dict[str, Any]) -> Job:
@@ -216,13 +219,13 @@ def _eval_job(cfg: DictConfig, base: dict[str, Any]) -> Job:
         except ValueError as e:
             raise ValueError(f"artifact={artifact}: {e}") from None
         check_target(f"artifact={artifact}", objective, model.builder,
-                     (manifest.get("extra") or {}).get("task"), manifest["builder"]["name"])
+                     objective_of(manifest.get("extra")), manifest["builder"]["name"])
         return Job(cfg, "eval", artifact=artifact, **base)
     path = _checkpoint_path(cfg)
     if path is None:
         raise ValueError("task=eval needs ckpt_path=<checkpoint> (or last) or artifact=<dir>")
     ckpt = Checkpoint.open(path, "ckpt_path")
-    check_target(f"ckpt_path={path}", objective, model.builder, ckpt.meta.get("task"),
+    check_target(f"ckpt_path={path}", objective, model.builder, objective_of(ckpt.meta),
                  (ckpt.meta.get("model") or {}).get("builder"))
     return Job(cfg, "eval", checkpoint=ckpt, **base)
 
@@ -236,7 +239,7 @@ def _export_job(cfg: DictConfig, base: dict[str, Any]) -> Job:
         raise ValueError(f"ckpt_path={path} is a float checkpoint: there is nothing quantized "
                          "to export")
     check_target(f"ckpt_path={path}", base["objective"], base["model"].builder,
-                 ckpt.meta.get("task"), (ckpt.meta.get("model") or {}).get("builder"))
+                 objective_of(ckpt.meta), (ckpt.meta.get("model") or {}).get("builder"))
     return Job(cfg, "export", checkpoint=ckpt, **base)
 
 
@@ -252,7 +255,7 @@ def preflight(cfg: DictConfig) -> Job:
         raise ValueError(f"recipe ({cfg.get('recipe_name')}): {e}") from None
     model = ModelSpec.from_config(cfg)
     base = {
-        "objective": str(cfg.module.task),
+        "objective": str(cfg.module.objective),
         "model": model,
         "recipe": recipe,
         "formats": _formats(cfg, model) if command != "eval" else ("qat",),

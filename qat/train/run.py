@@ -26,8 +26,8 @@ from qat.train.checkpoint import Checkpoint, check_meta, model_state
 from qat.train.console import calibration_batches, print_summary, quiet_libraries, say, stage_line
 from qat.train.model_spec import ModelSpec
 from qat.train.module import QATModule
+from qat.train.objectives import model_forward
 from qat.train.preflight import Job, needs_teacher, preflight
-from qat.train.tasks import model_forward
 from qat.train.trainer import evaluate, fit, is_rank_zero
 
 
@@ -61,10 +61,11 @@ def train_float(
     cfg = job.cfg
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     model = spec.build()
-    meta = {"task": job.objective, "model": spec.as_dict(), "recipe": None, "stage": "float"}
+    meta = {"objective": job.objective, "model": spec.as_dict(), "recipe": None,
+            "stage": "float"}  # fmt: skip
     steps, float_ckpt = int(cfg.float_stage.max_steps), None
     if job.init_from is not None:  # the data's sizes are known now: check them too
-        check_meta(job.init_from.meta, {"task": job.objective, "model": spec.as_dict()})
+        check_meta(job.init_from.meta, {"objective": job.objective, "model": spec.as_dict()})
         model.load_state_dict(model_state(job.init_from.data))
         steps, float_ckpt = 0, str(job.init_from.path)
     # The embedding objective measures against the float model: here, a frozen copy of itself.
@@ -106,7 +107,7 @@ def train(job: Job) -> dict[str, Any]:
     model = qat.prepare(float_model, job.recipe)
     steps = int(cfg.trainer.max_steps)
     meta = {
-        "task": job.objective,
+        "objective": job.objective,
         "model": spec.as_dict(),
         "recipe": job.recipe.to_dict(),
         "stage": "qat",

@@ -45,7 +45,7 @@ def test_distilling_the_float_model_into_itself_has_zero_loss_only_without_dropo
 ):
     student = tiny_encoder()
     teacher = copy.deepcopy(student)
-    module = QATModule(student, task="embedding", teacher=teacher, dropout=dropout).train()
+    module = QATModule(student, objective="embedding", teacher=teacher, dropout=dropout).train()
     loss = module.training_step(batch(), 0)
     assert (loss.item() < 1e-6) == zero_loss
 
@@ -53,4 +53,4 @@ def test_distilling_the_float_model_into_itself_has_zero_loss_only_without_dropo
 @pytest.mark.parametrize("bad", [1.0, -0.1, "0.1", True])
 def test_bad_dropout_is_a_clear_error(bad):
     with pytest.raises(ValueError, match=r"module.dropout: got .*\[0, 1\)"):
-        QATModule(torch.nn.Linear(2, 2), task="classification", num_classes=2, dropout=bad)
+        QATModule(torch.nn.Linear(2, 2), objective="classification", num_classes=2, dropout=bad)

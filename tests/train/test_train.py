@@ -105,9 +105,9 @@ def test_resume_with_another_recipe_names_the_mismatch(make_cfg):
         ValueError, match=r"recipe\.schedule\.calibrate: checkpoint 20, this run 10\. Use the same"
     ):
         run(make_cfg(TINY + ["recipe.schedule.calibrate=10", f"ckpt_path={ckpt}"], name="o3"))
-    # Evaluating it with another task's config is refused before any layer sees the data.
-    with pytest.raises(ValueError, match=r"made for task 'classification' with model builder "
-                       r"'cnn', but this config has module.task='causal_lm'"):
+    # Evaluating it with another objective's config is refused before any layer sees the data.
+    with pytest.raises(ValueError, match=r"made for objective 'classification' with model builder "
+                       r"'cnn', but this config has module.objective='causal_lm'"):
         run(make_cfg(["task=eval", f"ckpt_path={ckpt}", "experiment=shakespeare_w4g32a8"],
                      name="o4"))
 

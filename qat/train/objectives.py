@@ -1,4 +1,5 @@
-"""Task definitions: how a batch goes through the model, the loss, and the metrics."""
+"""Training objectives (`module.objective`: classification, causal_lm, embedding): how a batch
+goes through the model, the loss, and the metrics."""
 
 from __future__ import annotations
 
@@ -10,19 +11,19 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import nn
 
-TASKS = ("classification", "causal_lm", "embedding")
+OBJECTIVES = ("classification", "causal_lm", "embedding")
 METRIC = {"classification": "acc", "causal_lm": "ppl", "embedding": "cosine"}  # per objective
 
 
-def check_task(task: str) -> str:
-    if task not in TASKS:
-        raise ValueError(f"module.task: got {task!r}; allowed: {', '.join(TASKS)}")
-    return task
+def check_objective(objective: str) -> str:
+    if objective not in OBJECTIVES:
+        raise ValueError(f"module.objective: got {objective!r}; allowed: {', '.join(OBJECTIVES)}")
+    return objective
 
 
-def model_forward(task: str, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def model_forward(objective: str, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Logits (classification (B, C), causal_lm (B, T, V)) or embeddings (B, H)."""
-    if task == "embedding":
+    if objective == "embedding":
         return model(batch["input_ids"], batch["attention_mask"])
     return model(batch["x"])
 
@@ -40,8 +41,8 @@ def embedding_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> t
     return F.mse_loss(student, teacher)
 
 
-def task_loss(
-    task: str,
+def objective_loss(
+    objective: str,
     out: torch.Tensor,
     batch: dict[str, torch.Tensor],
     teacher_out: torch.Tensor | None,
@@ -49,9 +50,9 @@ def task_loss(
     kd_temperature: float,
     distill_loss: str,
 ) -> torch.Tensor:
-    if task == "embedding":
+    if objective == "embedding":
         if teacher_out is None:
-            raise ValueError("task=embedding distills from a float teacher: none was given")
+            raise ValueError("the embedding objective distills from a float teacher: none given")
         return embedding_loss(out, teacher_out, distill_loss)
     target = batch["y"]
     ce = F.cross_entropy(out.flatten(0, -2), target.flatten())
@@ -60,7 +61,7 @@ def task_loss(
     return (1 - kd_weight) * ce + kd_weight * kd_loss(out, teacher_out, kd_temperature)
 
 
-class TaskMetrics(nn.Module):
+class ObjectiveMetrics(nn.Module):
     """Per-split metric state: accuracy, perplexity, or cosine similarity to the teacher.
 
     Never synced across processes: every rank evaluates the whole split (validation loaders
@@ -68,15 +69,15 @@ class TaskMetrics(nn.Module):
     ranks that have finished.
     """
 
-    def __init__(self, task: str, num_classes: int | None = None) -> None:
+    def __init__(self, objective: str, num_classes: int | None = None) -> None:
         super().__init__()
-        self.task = task
+        self.objective = objective
         local = {"sync_on_compute": False}
-        if task == "classification":
+        if objective == "classification":
             self.metric = torchmetrics.classification.MulticlassAccuracy(
                 num_classes=num_classes or 2, average="micro", **local
             )
-        elif task == "causal_lm":
+        elif objective == "causal_lm":
             self.metric = torchmetrics.text.Perplexity(**local)
         else:
             self.metric = torchmetrics.MeanMetric(**local)
@@ -84,15 +85,15 @@ class TaskMetrics(nn.Module):
 
     @property
     def name(self) -> str:
-        return METRIC[self.task]
+        return METRIC[self.objective]
 
     def update(
         self, out: torch.Tensor, batch: dict[str, Any], teacher_out: torch.Tensor | None
     ) -> None:
-        if self.task == "classification":
+        if self.objective == "classification":
             self.metric.update(out, batch["y"])
             self.loss.update(F.cross_entropy(out, batch["y"]), weight=len(out))
-        elif self.task == "causal_lm":
+        elif self.objective == "causal_lm":
             self.metric.update(out.float(), batch["y"])
             loss = F.cross_entropy(out.flatten(0, -2).float(), batch["y"].flatten())
             self.loss.update(loss, weight=batch["y"].numel())
@@ -105,10 +106,10 @@ class TaskMetrics(nn.Module):
         value = float(self.metric.compute())
         loss = float(self.loss.compute())
         self.metric.reset(), self.loss.reset()
-        if self.task == "causal_lm" and not math.isfinite(value):
+        if self.objective == "causal_lm" and not math.isfinite(value):
             value = float("inf")
         return {self.name: value, "loss": loss}
 
 
-def higher_is_better(task: str) -> bool:
-    return task != "causal_lm"
+def higher_is_better(objective: str) -> bool:
+    return objective != "causal_lm"
