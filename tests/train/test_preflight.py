@@ -162,3 +162,14 @@ def test_preflight_imports_no_lightning():
             "assert not [m for m in sys.modules if m.startswith(('lightning', 'pytorch_"
             "lightning'))], 'lightning imported'")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
+
+
+def test_checkpoints_written_before_the_objective_rename_still_check():
+    from qat.train.checkpoint import check_meta, objective_of
+
+    old = {"task": "classification", "model": {"builder": "cnn"}}  # the key before the rename
+    assert objective_of(old) == "classification"
+    check_meta(old, {"objective": "classification", "model": {"builder": "cnn"}})
+    with pytest.raises(ValueError, match=r"^checkpoint mismatch in 'objective': objective: "
+                       r"checkpoint 'classification', this run 'causal_lm'"):
+        check_meta(old, {"objective": "causal_lm"})
