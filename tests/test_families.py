@@ -94,3 +94,16 @@ def test_a_family_from_outside_goes_end_to_end(tmp_path):
     onnx_path = export_onnx(loaded, (x[:4],), tmp_path / "m.onnx")
     result = gate_onnx(loaded, onnx_path, [(x[:16],), (x[16:],)])
     assert result["failures"] == [] and result["top1"] == 1.0
+
+
+def test_two_families_cannot_share_an_integer_class():
+    class Dense(nn.Linear):
+        def forward(self, x):  # a forward of its own: not covered by the Linear family
+            return super().forward(x)
+
+    class QATDense(QATMixin, Dense):
+        FLOAT_TYPE = Dense
+
+    with pytest.raises(ValueError, match=r"two layer families with integer class IntLinear: give "
+                       r"each family its own integer class"):
+        qat.shipped().with_family(qat.LayerFamily(QATDense, IntLinear))

@@ -3,9 +3,10 @@
 `Conv1D`, GPT-2's linear layer), the default of `qat.plan`/`prepare`/`load`.
 
 To add one, write its fake-quant class (`qat.quant.modules.QATMixin` + the float layer), its
-integer class (`qat.export.integer.IntLayer` with `from_qat`) and its ONNX builder, and pass
-`FAMILIES.with_family(LayerFamily(...))` to `qat.plan`/`prepare`/`convert`/`load` and
-`export_onnx` (see `tests/test_families.py` for a whole family written in a test).
+integer class (`qat.export.integer.IntLayer` with `from_qat`; its name is the manifest's kind)
+and its ONNX builder, and pass `shipped().with_family(LayerFamily(...))` to `qat.plan`/`prepare`
+and `qat.load`; `convert` and `export_onnx` read the families from the model's provenance (see
+`tests/test_families.py` for a whole family written in a test).
 """
 
 from __future__ import annotations

@@ -91,6 +91,9 @@ def write_gguf(int_model: nn.Module, path: str | Path, vocab: list[str] | None =
     import gguf
 
     model = int_model
+    if not any(isinstance(m, IntLayer) for m in model.modules()):
+        raise ValueError("write_gguf takes the integer model that qat.convert (or qat.load) made, "
+                         "not the prepared fake-quant model: it writes the converted codes")
     cfg = getattr(model, "config", None)
     if cfg is None or not hasattr(model, "blocks") or not hasattr(model, "lm_head"):
         raise ValueError("GGUF export supports qat's llama-style GPT (builder 'gpt') only")

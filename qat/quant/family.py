@@ -65,6 +65,12 @@ class Families:
         floats = [f.float_type for f in self._families]
         if len(set(floats)) != len(floats):
             raise ValueError("two layer families for one float type: use with_family to replace")
+        kinds = [f.kind for f in self._families if f.kind is not None]
+        if len(set(kinds)) != len(kinds):
+            twice = sorted({k for k in kinds if kinds.count(k) > 1})
+            raise ValueError(f"two layer families with integer class {', '.join(twice)}: give "
+                             "each family its own integer class (a subclass will do); the "
+                             "artifact's manifest names the layer by it")  # fmt: skip
 
     def __iter__(self):
         return iter(self._families)

@@ -127,8 +127,9 @@ class QATConvTranspose2d(QATMixin, nn.ConvTranspose2d):
     """`nn.ConvTranspose2d` with fake-quantized weight and activations.
 
     Its weight is `(in, out / groups, kH, kW)`: per-channel weight scales for the integer
-    path lie along axis 1 (`axis: 1` in the recipe). `output_size` in the call is honoured here,
-    but the exported layer keeps the module's `output_padding`.
+    path lie along axis 1 (`axis: 1` in the recipe; with groups, one scale per channel within a
+    group). Training may pass `output_size`; the exported layer takes no such argument and
+    keeps the module's `output_padding`.
 
     Example:
         >>> from qat.quant import QuantSpec

@@ -86,8 +86,8 @@ class Rule:
                 raise _fail(
                     f"{p}.match.types[{j}]",
                     t,
-                    "a torch.nn class name (Linear, Conv1d, Conv2d, Embedding) "
-                    "or a dotted class path",
+                    "a torch.nn class name (Linear, Conv1d, Conv2d, ConvTranspose2d, Embedding) "
+                    "or a dotted class path (transformers.pytorch_utils.Conv1D)",
                 )
         position = match.get("position")
         if position not in (None, "first", "last"):

@@ -62,3 +62,16 @@ def test_conv_transpose_quantizes_end_to_end(tmp_path):
     path = export_onnx(loaded, (x[:4],), tmp_path / "decoder.onnx")
     result = gate_onnx(loaded, path, [(x[:8],), (x[8:],)])
     assert result["failures"] == [] and result["top1"] == 1.0
+
+
+def test_grouped_per_channel_scales_repeat_across_the_groups():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2))
+    model = qat.prepare(model, {"rules": [{"match": {"types": ["ConvTranspose2d"]},
+        "weight": {"bits": 8, "granularity": "per_channel", "axis": 1},
+        "input": {"bits": 8, "symmetric": False}}]})  # fmt: skip
+    x = torch.randn(8, 4, 5, 5)
+    model(x)  # calibrate
+    assert model[0].weight_quant.scale.shape == (3,)  # out / groups channels per group
+    int_model = qat.convert(model.eval())
+    parity_report(model, int_model, [x]).check()

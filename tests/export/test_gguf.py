@@ -90,5 +90,9 @@ def test_gguf_refuses_fp32_block_scales_and_other_models(tmp_path):
     with pytest.raises(ValueError, match=r"blocks\.0\.attn\.q_proj: GGUF stores fp16 block scales"):
         write_gguf(qat.convert(model), tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
+    with pytest.raises(ValueError, match=r"takes the integer model that qat\.convert"):
+        write_gguf(model, tmp_path / "m.gguf")  # the prepared model: its weights are float
     with pytest.raises(ValueError, match="llama-style GPT"):
-        write_gguf(build_model("cnn"), tmp_path / "c.gguf")
+        cnn = qat.prepare(build_model("cnn"), RECIPES / "w8.yaml")
+        cnn(torch.randn(2, 1, 8, 8))  # calibrates the weight observers
+        write_gguf(qat.convert(cnn.eval()), tmp_path / "c.gguf")

@@ -19,7 +19,7 @@ from qat.quant.spec import QuantSpec
 
 
 class IntConvTranspose2d(IntLayer):
-    """Integer `nn.ConvTranspose2d` (groups of 1 with a per-channel weight and input).
+    """Integer `nn.ConvTranspose2d`.
 
     Example:
         >>> up = IntConvTranspose2d(4, 2, [2, 2], [2, 2], [0, 0], [0, 0], [1, 1],
@@ -53,10 +53,6 @@ class IntConvTranspose2d(IntLayer):
         self.dilation = tuple(dilation)
         shape = (in_channels, out_channels // groups, *self.kernel_size)
         self._init_quant_state(shape, weight_spec, input_spec, output_spec, bias, out_channels)
-        per_channel = weight_spec is not None and weight_spec.granularity == "per_channel"
-        if groups != 1 and per_channel and input_spec is not None:
-            raise ValueError("per-channel integer ConvTranspose2d needs groups=1 (axis 1 of a "
-                             "grouped weight is not the output channel)")  # fmt: skip
         self.check_integer_layout(type(self).__name__, QATConvTranspose2d.INTEGER_INPUTS,
                                   QATConvTranspose2d.OUTPUT_AXIS)  # fmt: skip
 
@@ -88,5 +84,7 @@ class IntConvTranspose2d(IntLayer):
         q, s_x, z_x = self.quantize_act("input", x)
         acc = self._conv(q.to(torch.float64) - z_x.to(torch.float64), self.centered_weight())
         s_w = self.weight_scale.to(torch.float64)
-        scale = s_x.to(torch.float64) * (s_w.reshape(1, -1, 1, 1) if s_w.ndim else s_w)
+        if s_w.ndim:  # axis 1 of a grouped weight is the channel within each group
+            s_w = s_w.repeat(self.groups).reshape(1, -1, 1, 1)
+        scale = s_x.to(torch.float64) * s_w
         return self.fake_quant_act("output", self.finish(acc, scale, channel_dim=1))

@@ -210,7 +210,9 @@ def export_onnx(
     names = list(input_names or [f"input_{i}" for i in range(len(inputs))])
     families = provenance(int_model).families  # the integer layers' ONNX builders
     if families is None:
-        raise ValueError("export_onnx takes the integer model that qat.convert or qat.load made")
+        raise ValueError("export_onnx takes the integer model that qat.convert or qat.load made "
+                         "(its provenance names its layer families); for one built by hand, "
+                         "record them: qat.quant.provenance.record(model, families=qat.shipped())")
     was_training = int_model.training
     int_model.eval()
     try:
