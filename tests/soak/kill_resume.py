@@ -46,6 +46,7 @@ RUN = [
     "export.enabled=false",
     "threads=1",
 ]
+STEP_CHECKPOINTS = 20  # trainer.max_steps / every_n_train_steps
 COMPARED = ("state_dict", "optimizer_states", "lr_schedulers", "qat_rng", "global_step")
 
 
@@ -76,50 +77,52 @@ def differences(a: Any, b: Any, path: str = "") -> list[str]:
     return [] if a == b else [path]
 
 
-def straight(tmp: Path, data_dir: Path) -> tuple[dict[str, Any], float]:
-    """The uninterrupted run's final state, and how long it trained (from its checkpoint folder
-    appearing to its exit), so the kills can be drawn inside that window on any machine."""
+def straight(tmp: Path, data_dir: Path) -> dict[str, Any]:
+    """The uninterrupted run's final state."""
     log = tmp / "straight"
-    run_dir = log / "digits_w4a4/runs/0"
-    proc = _run([], log, run_dir, data_dir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    while not (run_dir / "checkpoints").is_dir() and proc.poll() is None:
-        time.sleep(0.005)
-    start = time.time()
+    proc = _run([], log, log / "digits_w4a4/runs/0", data_dir, stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE)  # fmt: skip
     _, err = proc.communicate(timeout=600)
     if proc.returncode != 0:
         raise RuntimeError(f"the uninterrupted run failed: {err.decode()[-2000:]}")
-    return final_state(log), time.time() - start
+    return final_state(log)
 
 
-def _kill_when(proc: subprocess.Popen, ckpts: Path, mid_write: bool, delay: float) -> str:
-    """Wait for training to start, then SIGKILL: at the first checkpoint temp file seen
-    (`mid_write`), or `delay` seconds later. Returns what happened."""
+def _kill_when(proc: subprocess.Popen, ckpts: Path, mid_write: bool, after: int,
+               delay: float) -> str:
+    """SIGKILL at the first checkpoint temp file seen (`mid_write`), or `delay` seconds after
+    the `after`-th step checkpoint exists: a moment tied to training progress, so it falls
+    inside training on a fast machine and a loaded one alike. Returns what happened."""
     deadline = time.time() + 600
-    while not ckpts.is_dir() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    start = time.time()
     while proc.poll() is None and time.time() < deadline:
-        if mid_write and any(p.name.endswith(".tmp") for p in os.scandir(ckpts)):
+        if not ckpts.is_dir():
+            time.sleep(0.005)
+            continue
+        names = [p.name for p in os.scandir(ckpts)]
+        if mid_write and any(n.endswith(".tmp") for n in names):
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             return "killed while a checkpoint was being written"
-        if not mid_write and time.time() - start >= delay:
+        if not mid_write and sum(n.startswith("s") and n.endswith(".ckpt") for n in names) >= after:
+            time.sleep(delay)
+            if proc.poll() is not None:
+                break
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-            return f"killed {delay:.2f} s after training started"
-        time.sleep(0.0005 if mid_write else 0.005)
+            return f"killed {delay:.3f} s after checkpoint {after} of {STEP_CHECKPOINTS}"
+        time.sleep(0.0005 if mid_write else 0.002)
     return "finished before the kill"
 
 
-def trial(tmp: Path, data_dir: Path, reference: dict, mid_write: bool, seed: int,
-          window: float) -> tuple:
+def trial(tmp: Path, data_dir: Path, reference: dict, mid_write: bool, seed: int) -> tuple:
     """One kill and resume; returns (what happened, differing keys)."""
     log = tmp / f"trial{seed}"
     run_dir = log / "digits_w4a4/runs/killed"
     proc = _run([], log, run_dir, data_dir, stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL)  # fmt: skip
-    delay = random.Random(seed).uniform(0.0, 0.9 * window)
-    what = _kill_when(proc, run_dir / "checkpoints", mid_write, delay)
+    rng = random.Random(seed)
+    after, delay = rng.randint(1, STEP_CHECKPOINTS - 5), rng.uniform(0.0, 0.05)
+    what = _kill_when(proc, run_dir / "checkpoints", mid_write, after, delay)
     torn = [p.name for p in (run_dir / "checkpoints").glob("*.ckpt")
             if not _loads(p)] if (run_dir / "checkpoints").is_dir() else []  # fmt: skip
     has_ckpt = any((run_dir / "checkpoints").glob("*.ckpt")) if run_dir.is_dir() else False
@@ -148,12 +151,11 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        reference, window = straight(tmp, args.data_dir)
-        print(f"uninterrupted run: {window:.2f} s of training; kills drawn inside it", flush=True)
+        reference = straight(tmp, args.data_dir)
         same = mid = 0
         for i in range(args.trials):
             mid_write = i % 2 == 0  # every other trial aims at a checkpoint write
-            what, diffs = trial(tmp, args.data_dir, reference, mid_write, seed=i, window=window)
+            what, diffs = trial(tmp, args.data_dir, reference, mid_write, seed=i)
             same += not diffs
             mid += "being written" in what
             print(f"trial {i + 1}: {what}: "

@@ -20,11 +20,10 @@ def test_sigkill_at_random_instants_and_mid_write_resumes_bit_identical(tmp_path
     """Two kills of a real run: while a checkpoint is being written, and at a random instant;
     each resumed with ckpt_path=last ends with the uninterrupted run's weights, optimizer,
     schedule, quantizer and RNG state (`python -m tests.soak.kill_resume` runs 20)."""
-    reference, window = kill_resume.straight(tmp_path, data_dir)
+    reference = kill_resume.straight(tmp_path, data_dir)
     assert reference["global_step"] == 40 and reference["optimizer_states"]
     for mid_write, seed in ((True, 0), (False, os.getpid())):
-        what, diffs = kill_resume.trial(tmp_path, data_dir, reference, mid_write, seed,
-                                         window)
+        what, diffs = kill_resume.trial(tmp_path, data_dir, reference, mid_write, seed)
         assert diffs == [], (what, diffs)
         assert "killed" in what, what
         assert "torn" not in what, what
