@@ -230,6 +230,13 @@ def _load(directory: Path, families: Families) -> nn.Module:
         raise ArtifactError(f"builder {name!r} refused the manifest's arguments: {e}") from None
     for bn in manifest["folded_bn"]:
         _replace(model, bn, nn.Identity, (nn.BatchNorm1d, nn.BatchNorm2d))
+    for cname, kind in manifest["containers"].items():
+        container = families.of_container(kind)
+        if container is None:
+            raise ArtifactError(f"manifest: module {cname!r} is a {kind}, which no layer family "
+                                "the loader was given knows")  # fmt: skip
+        _replace(model, cname, lambda c=cname, f=container: f.qat_type.from_float(
+            model.get_submodule(c), name=c), (container.float_type,))  # fmt: skip
     for lname, cfg in manifest["layers"].items():
         family = families.of_kind(cfg["kind"])
         _replace(model, lname, lambda n=lname, c=cfg, f=family: _layer(n, c, f.int_type),

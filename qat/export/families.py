@@ -21,6 +21,7 @@ from qat.export.onnx.layers import (
     embedding_graph,
     linear_graph,  # fmt: skip
 )
+from qat.quant.attention import QATMultiheadAttention
 from qat.quant.bn_fold import QATConvBn1d, QATConvBn2d
 from qat.quant.family import Families, LayerFamily
 from qat.quant.modules import (
@@ -37,6 +38,7 @@ FAMILIES = Families([
     LayerFamily(QATConv2d, IntConv2d, conv_graph, conv_bn_type=QATConvBn2d),
     LayerFamily(QATConvTranspose2d, IntConvTranspose2d, conv_transpose_graph),
     LayerFamily(QATEmbedding, IntEmbedding, embedding_graph),
+    LayerFamily(QATMultiheadAttention),  # a container: its two projections are Linears
 ])  # fmt: skip
 
 

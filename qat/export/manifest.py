@@ -77,6 +77,8 @@ def build_manifest(
         "recipe": recipe.to_dict() if recipe is not None else None,
         "layers": layers,
         "folded_bn": list(origin.folded_bn),
+        # Container modules (MultiheadAttention) holding integer layers: rebuilt before them.
+        "containers": origin.families.containers(model) if origin.families else {},
         "tensors": {
             k: {"dtype": dtype_name(t.dtype), "shape": list(t.shape)} for k, t in tensors.items()
         },
@@ -141,6 +143,10 @@ def parse_manifest(text: str, kinds: Collection[str]) -> dict[str, Any]:
     for key in ("layers", "tensors"):
         _need(m, key, dict, "manifest")
     _need(m, "folded_bn", list, "manifest")
+    containers = m.setdefault("containers", {})  # absent in artifacts written before them
+    if not isinstance(containers, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in containers.items()):
+        raise ArtifactError("manifest: 'containers' must map module names to class names")
     for lname, cfg in m["layers"].items():
         kind = _need(cfg, "kind", str, f"layers[{lname!r}]")
         if kind not in kinds:

@@ -28,6 +28,9 @@ class LayerFamily:
     `qat_type` subclasses the float layer (`FLOAT_TYPE`) and `QATMixin`; `int_type` has a
     `from_qat(mod, weight_spec, input_spec, output_spec)` constructor; `onnx(g, layer, x, t)`
     builds the op between the layer's activation quantizers (`qat.export.onnx.layers`).
+    A *container* family (`int_type` None, e.g. `MultiheadAttention`) has a `qat_type` that is
+    a plain module calling fake-quant children: `convert` converts the children and keeps the
+    container, the artifact records it and `load` rebuilds it with `from_float(float_module)`.
 
     Example:
         >>> from qat.quant.modules import QATLinear
@@ -35,7 +38,7 @@ class LayerFamily:
         'Linear'
     """
 
-    qat_type: type[QATMixin]
+    qat_type: type[nn.Module]
     int_type: type[nn.Module] | None = None
     onnx: Callable[..., Any] | None = None
     conv_bn_type: type[QATMixin] | None = None
@@ -43,6 +46,10 @@ class LayerFamily:
     @property
     def float_type(self) -> type[nn.Module]:
         return self.qat_type.FLOAT_TYPE
+
+    @property
+    def container(self) -> bool:
+        return self.int_type is None and not issubclass(self.qat_type, QATMixin)
 
     @property
     def kind(self) -> str | None:
@@ -109,6 +116,16 @@ class Families:
             if type(layer) is f.int_type:
                 return f
         raise KeyError(f"no layer family has integer class {type(layer).__name__}")
+
+    def of_container(self, name: str) -> LayerFamily | None:
+        """The container family whose fake-quant class is called `name`."""
+        return next((f for f in self._families if f.container and f.qat_type.__name__ == name),
+                    None)  # fmt: skip
+
+    def containers(self, model: nn.Module) -> dict[str, str]:
+        """Module path -> container class name, for every container module in `model`."""
+        types = tuple(f.qat_type for f in self._families if f.container)
+        return {n: type(m).__name__ for n, m in model.named_modules() if isinstance(m, types)}
 
     def of_kind(self, kind: str) -> LayerFamily | None:
         return next((f for f in self._families if f.kind == kind), None)

@@ -26,6 +26,11 @@ class QATMixin:
     INTEGER_INPUTS: tuple[str, ...] = ("per_tensor",)
     OUTPUT_AXIS = 0  # the weight's output-channel dim (per-channel scales must lie along it)
 
+    @staticmethod
+    def weight_shapes(mod: nn.Module) -> list[tuple[int, ...]]:
+        """Shapes of the float module's weights this class quantizes (checked at `plan`)."""
+        return [tuple(mod.weight.shape)]
+
     @classmethod
     def from_float(
         cls,

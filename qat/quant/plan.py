@@ -124,11 +124,13 @@ def find_unquantizable(model: nn.Module, families: Families) -> dict[str, str]:
         >>> find_unquantizable(m, Families([LayerFamily(QATLinear)]))
         {'1': 'Bilinear'}
     """
+    covered = [n for n, m in model.named_modules() if families.qat_class_for(m) is not None]
     return {
         name: type(mod).__name__
         for name, mod in model.named_modules()
         if families.qat_class_for(mod) is None
         and any(p.ndim >= 2 for p in mod.parameters(recurse=False))
+        and not any(name.startswith(f"{c}.") for c in covered)  # a covered module's own part
     }
 
 
@@ -181,7 +183,7 @@ def find_conv_bn_pairs(model: nn.Module, families: Families) -> dict[str, str]:
     return pairs
 
 
-def _resolve(rules_hit, role: str, name: str, mod: nn.Module) -> QuantSpec | None:
+def _resolve(rules_hit, role: str, name: str, mod: nn.Module, shapes: list) -> QuantSpec | None:
     merged: dict | None = None
     contributors: list[int] = []
     for rule in rules_hit:
@@ -199,7 +201,8 @@ def _resolve(rules_hit, role: str, name: str, mod: nn.Module) -> QuantSpec | Non
         spec = QuantSpec.from_dict(merged, path=path).check_role(role)
         check_keys_apply(merged, path)
         if role == "weight":
-            spec.check_shape(tuple(mod.weight.shape))
+            for shape in shapes:
+                spec.check_shape(shape)
     except ValueError as e:
         raise ValueError(f"{e} (module {name!r}, {type(mod).__name__})") from None
     return spec
@@ -251,10 +254,12 @@ def plan(
         lp.ignored = any(_name_matches(p, name) for p in recipe.ignore)
         for role in ROLES:
             skip = lp.ignored or (role == "input" and isinstance(mod, nn.Embedding))
-            lp.specs[role] = None if skip else _resolve(hits[name], role, name, mod)
+            shapes = families.qat_class_for(mod).weight_shapes(mod)
+            lp.specs[role] = None if skip else _resolve(hits[name], role, name, mod, shapes)
         qat_cls = families.qat_class_for(mod)
         try:
-            check_integer_layout(lp.specs["weight"], lp.specs["input"], mod.weight.ndim,
+            check_integer_layout(lp.specs["weight"], lp.specs["input"],
+                                 len(qat_cls.weight_shapes(mod)[0]),
                                  qat_cls.INTEGER_INPUTS, type(mod).__name__,
                                  qat_cls.OUTPUT_AXIS)  # fmt: skip
         except ValueError as e:

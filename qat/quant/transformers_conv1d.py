@@ -29,6 +29,10 @@ class QATConv1D(QATMixin, Conv1D):
     FLOAT_TYPE = Conv1D
     INTEGER_INPUTS = QATLinear.INTEGER_INPUTS
 
+    @staticmethod
+    def weight_shapes(mod: Conv1D) -> list[tuple[int, ...]]:
+        return [(mod.weight.shape[1], mod.weight.shape[0])]  # the (out, in) view quantized
+
     @property
     def in_features(self) -> int:
         return self.weight.shape[0]

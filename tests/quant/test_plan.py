@@ -10,23 +10,30 @@ def test_the_plan_names_what_no_fake_quant_class_covers():
     m = nn.Sequential(nn.Linear(4, 8), nn.Bilinear(4, 4, 4), nn.MultiheadAttention(4, 2))
     recipe = {"rules": [{"match": {"types": ["Linear"]}, "weight": {"bits": 8}}]}
     p = qat.plan(m, recipe)
-    # MultiheadAttention's in-projection is a raw parameter, and it reads out_proj's weight
-    # without calling out_proj: a fake-quant out_proj would never run.
-    assert p.unquantizable == {"1": "Bilinear", "2": "MultiheadAttention",
-                               "2.out_proj": "NonDynamicallyQuantizableLinear"}  # fmt: skip
+    # MultiheadAttention is covered (its family), and so its out_proj is its own part.
+    assert p.unquantizable == {"1": "Bilinear"}
     assert [lp.name for lp in p.quantized()] == ["0"]
-    note = "not quantizable, stays float: 3 module(s) of type Bilinear (1); "
-    assert note + "MultiheadAttention (2); NonDynamicallyQuantizableLinear (2.out_proj)" in \
-        p.summary()
-    with pytest.warns(UserWarning, match=r"^not quantizable, stays float: 3 module\(s\)") as seen:
+    assert "not quantizable, stays float: 1 module(s) of type Bilinear (1)" in p.summary()
+    assert [lp.name for lp in p.layers] == ["0", "2"]  # the attention stays float: no rule
+    with pytest.warns(UserWarning, match=r"^not quantizable, stays float: 1 module\(s\)") as seen:
         qat.prepare(m, recipe)
     assert len([w for w in seen if "not quantizable" in str(w.message)]) == 1
 
 
+def test_multihead_attention_without_its_family_lists_out_proj_as_float():
+    # Without the family, MHA reads out_proj's weight without calling out_proj: a fake-quant
+    # out_proj would never run, so it is listed as float rather than quantized.
+    from qat.quant.family import Families
+
+    core = Families([f for f in qat.shipped() if f.float_type is not nn.MultiheadAttention])
+    p = qat.plan(nn.Sequential(nn.MultiheadAttention(4, 2)), {"rules": []}, families=core)
+    assert p.unquantizable == {"0": "MultiheadAttention",
+                               "0.out_proj": "NonDynamicallyQuantizableLinear"}  # fmt: skip
+
+
 def test_a_rule_that_matches_only_float_modules_says_so():
-    m = nn.Sequential(nn.Linear(4, 4), nn.MultiheadAttention(4, 2))
+    m = nn.Sequential(nn.Linear(4, 4), nn.Bilinear(4, 4, 4))
     with pytest.raises(ValueError, match=r"^rules\[0\]\.match: matches no quantizable module "
-                       r"\(names=\[\], types=\['MultiheadAttention'\]\); it matches 1 module\(s\) "
-                       r"no fake-quant class covers \(1: MultiheadAttention\)"):
-        qat.plan(m, {"rules": [{"match": {"types": ["MultiheadAttention"]},
-                                "weight": {"bits": 8}}]})
+                       r"\(names=\[\], types=\['Bilinear'\]\); it matches 1 module\(s\) "
+                       r"no fake-quant class covers \(1: Bilinear\)"):
+        qat.plan(m, {"rules": [{"match": {"types": ["Bilinear"]}, "weight": {"bits": 8}}]})
