@@ -7,7 +7,8 @@ projections as `QATLinear` children that it calls (`in_proj`, sharing the parame
 `in_proj_weight`/`in_proj_bias`, and `out_proj`): the recipe's weight and input specs apply to
 both, its output spec to the block's output. `convert` turns the children into `IntLinear`s and
 keeps this container, whose attention core (scores, softmax, weighted sum) stays float.
-Supported: equal query/key/value sizes, no `add_bias_kv`, no `add_zero_attn`.
+Supported: equal query/key/value sizes, no `add_bias_kv`, no `add_zero_attn`, dense inputs
+(`nn.TransformerEncoder(..., enable_nested_tensor=False)`).
 """
 
 from __future__ import annotations
@@ -109,6 +110,9 @@ class QATMultiheadAttention(nn.Module):
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if query.is_nested:
+            raise ValueError("QATMultiheadAttention takes dense tensors: build the "
+                             "nn.TransformerEncoder with enable_nested_tensor=False")  # fmt: skip
         batched = query.dim() == 3
         if not batched:  # (L, E): one sequence
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)

@@ -86,3 +86,15 @@ def test_multihead_attention_quantizes_end_to_end(tmp_path):
     path = export_onnx(loaded, (x[:4],), tmp_path / "encoder.onnx")
     result = gate_onnx(loaded, path, [(x[:16],), (x[16:],)])
     assert result["failures"] == [] and result["top1"] == 1.0
+
+
+def test_a_nested_tensor_encoder_is_refused_by_name():
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0,
+                                                           batch_first=True), 1)  # fmt: skip
+    qat.prepare(enc, {"rules": [{"match": {"types": ["MultiheadAttention"]},
+                                 "weight": {"bits": 8}}]})  # fmt: skip
+    x, pad = torch.randn(2, 6, 16), torch.zeros(2, 6, dtype=torch.bool)
+    pad[0, -2:] = True
+    qat.quant.calibrate(enc, [x], 1)
+    with torch.no_grad(), pytest.raises(ValueError, match="enable_nested_tensor=False"):
+        enc.eval()(x, src_key_padding_mask=pad)  # eval + padding mask: torch's nested path
