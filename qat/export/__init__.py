@@ -12,21 +12,21 @@
 from qat.export.artifact import load, read_manifest, save
 from qat.export.convert import ConvertError, convert
 from qat.export.integer import (
-                                IntConv1d,
-                                IntConv2d,
-                                IntConvTranspose2d,
-                                IntEmbedding,
-                                IntLayer,
-                                IntLinear,  # fmt: skip
+    IntConv1d,
+    IntConv2d,
+    IntConvTranspose2d,
+    IntEmbedding,
+    IntLayer,
+    IntLinear,
 )
 from qat.export.integer.packing import pack_int4, unpack_int4
 from qat.export.manifest import FORMAT_VERSION, ArtifactError
 from qat.export.parity import (
-                                ParityError,
-                                ParityReport,
-                                TensorParity,
-                                default_forward,
-                                parity_report,
+    ParityError,
+    ParityReport,
+    TensorParity,
+    default_forward,
+    parity_report,
 )
 from qat.export.pipeline import export_model
 

@@ -19,7 +19,7 @@ from qat.export.onnx.layers import (
     conv_graph,
     conv_transpose_graph,
     embedding_graph,
-    linear_graph,  # fmt: skip
+    linear_graph,
 )
 from qat.quant.attention import QATMultiheadAttention
 from qat.quant.bn_fold import QATConvBn1d, QATConvBn2d
@@ -29,7 +29,7 @@ from qat.quant.modules import (
     QATConv2d,
     QATConvTranspose2d,
     QATEmbedding,
-    QATLinear,  # fmt: skip
+    QATLinear,
 )
 
 FAMILIES = Families([

@@ -81,8 +81,8 @@ def _tensor(model: nn.Module, name: str, permute_heads: int | None = None):
     return arr, kind
 
 
-def write_gguf(int_model: nn.Module, path: str | Path, vocab: list[str] | None = None) -> Path:
-    """Write the llama-style `GPT` as a GGUF file, atomically, from its integer model (what
+def write_gguf(model: nn.Module, path: str | Path, vocab: list[str] | None = None) -> Path:
+    """Write the llama-style `GPT` as a GGUF file, atomically, from its integer `model` (what
     `qat.convert` made and the parity gate checked: the same road to integer codes as the
     artifact and ONNX).
 
@@ -90,7 +90,6 @@ def write_gguf(int_model: nn.Module, path: str | Path, vocab: list[str] | None =
     """
     import gguf
 
-    model = int_model
     if not any(isinstance(m, IntLayer) for m in model.modules()):
         raise ValueError("write_gguf takes the integer model that qat.convert (or qat.load) made, "
                          "not the prepared fake-quant model: it writes the converted codes")

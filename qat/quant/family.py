@@ -69,6 +69,7 @@ class Families:
 
     def __init__(self, families: Iterable[LayerFamily]) -> None:
         self._families = tuple(families)
+        self._by_float = {f.float_type: f.qat_type for f in self._families}
         floats = [f.float_type for f in self._families]
         if len(set(floats)) != len(floats):
             raise ValueError("two layer families for one float type: use with_family to replace")
@@ -95,10 +96,10 @@ class Families:
         """
         if isinstance(mod, nn.modules.linear.NonDynamicallyQuantizableLinear):
             return None  # MultiheadAttention's out_proj: MHA reads its weight, never calls it
-        by_float = {f.float_type: f.qat_type for f in self._families}
         for float_type in type(mod).__mro__:
-            if float_type in by_float:
-                return by_float[float_type] if type(mod).forward is float_type.forward else None
+            if float_type in self._by_float:
+                covers = type(mod).forward is float_type.forward
+                return self._by_float[float_type] if covers else None
         return None
 
     def conv_bn_class(self, qat_type: type[QATMixin]) -> type[QATMixin] | None:

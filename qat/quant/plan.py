@@ -124,14 +124,15 @@ def find_unquantizable(model: nn.Module, families: Families) -> dict[str, str]:
         >>> find_unquantizable(m, Families([LayerFamily(QATLinear)]))
         {'1': 'Bilinear'}
     """
-    covered = [n for n, m in model.named_modules() if families.qat_class_for(m) is not None]
-    return {
-        name: type(mod).__name__
-        for name, mod in model.named_modules()
-        if families.qat_class_for(mod) is None
-        and any(p.ndim >= 2 for p in mod.parameters(recurse=False))
-        and not any(name.startswith(f"{c}.") for c in covered)  # a covered module's own part
-    }
+    out: dict[str, str] = {}
+    covered: list[str] = []  # named_modules lists a parent before its parts
+    for name, mod in model.named_modules():
+        if families.qat_class_for(mod) is not None:
+            covered.append(name)
+        elif any(p.ndim >= 2 for p in mod.parameters(recurse=False)) and not any(
+                name.startswith(f"{c}.") for c in covered):  # a covered module's own part
+            out[name] = type(mod).__name__
+    return out
 
 
 def find_conv_bn_pairs(model: nn.Module, families: Families) -> dict[str, str]:
@@ -252,14 +253,13 @@ def plan(
     for name, mod in quantizable:
         lp = LayerPlan(name, type(mod).__name__, rules=[r.index for r in hits[name]])
         lp.ignored = any(_name_matches(p, name) for p in recipe.ignore)
+        qat_cls = families.qat_class_for(mod)
+        shapes = qat_cls.weight_shapes(mod)
         for role in ROLES:
             skip = lp.ignored or (role == "input" and isinstance(mod, nn.Embedding))
-            shapes = families.qat_class_for(mod).weight_shapes(mod)
             lp.specs[role] = None if skip else _resolve(hits[name], role, name, mod, shapes)
-        qat_cls = families.qat_class_for(mod)
         try:
-            check_integer_layout(lp.specs["weight"], lp.specs["input"],
-                                 len(qat_cls.weight_shapes(mod)[0]),
+            check_integer_layout(lp.specs["weight"], lp.specs["input"], len(shapes[0]),
                                  qat_cls.INTEGER_INPUTS, type(mod).__name__,
                                  qat_cls.OUTPUT_AXIS)  # fmt: skip
         except ValueError as e:

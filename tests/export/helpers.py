@@ -110,3 +110,18 @@ def trained(
         opt.step()
     model.apply(disable_observer)
     return model.eval(), [case.batch(g) for _ in range(2)]
+
+
+def assert_onnx_exact(int_model: nn.Module, batches: list[tuple[torch.Tensor, ...]], path: Path,
+                      input_names: list[str] | None = None) -> None:
+    """Export `int_model` to ONNX and pass the export gate: ONNX Runtime on this CPU computes
+    what the integer executor computes on `batches` (skipped without onnxruntime)."""
+    import pytest
+
+    pytest.importorskip("onnxruntime")
+    from qat.export.onnx import export_onnx
+    from qat.export.onnx.parity import gate_onnx
+
+    onnx_path = export_onnx(int_model, batches[0], path, input_names=input_names)
+    result = gate_onnx(int_model, onnx_path, batches)
+    assert result["failures"] == [] and result["top1"] == 1.0, result["failures"]

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 import qat
 from qat.export import IntLinear, parity_report
 
+from .helpers import assert_onnx_exact
+
 transformers = pytest.importorskip("transformers")
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
@@ -48,14 +50,7 @@ def test_gpt2_conv1d_layers_quantize_end_to_end(tmp_path):
     assert type(loaded.model.transformer.h[1].mlp.c_fc).__name__ == "IntConv1D"
     assert torch.equal(loaded(batches[0]), int_model(batches[0]))
 
-    pytest.importorskip("onnxruntime")
-    from qat.export.onnx import export_onnx
-    from qat.export.onnx.parity import gate_onnx
-
     # With a mask, as deployed: without one transformers traces a packed-sequence check
     # (aten::diff) that has no ONNX form.
     feeds = [(b, torch.ones_like(b)) for b in batches]
-    path = export_onnx(loaded, feeds[0], tmp_path / "gpt2.onnx",
-                       input_names=["input_ids", "attention_mask"])  # fmt: skip
-    result = gate_onnx(loaded, path, feeds)
-    assert result["failures"] == [] and result["top1"] == 1.0
+    assert_onnx_exact(loaded, feeds, tmp_path / "gpt2.onnx", ["input_ids", "attention_mask"])

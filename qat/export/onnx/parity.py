@@ -40,7 +40,7 @@ from qat.export.parity import (
     ParityReport,
     Recorder,
     TensorParity,
-    aligned,  # fmt: skip
+    aligned,
     as_tensor,
     compare_layers,
 )
@@ -145,10 +145,7 @@ def _aligned_batch(
         out = as_tensor(int_model(*batch))
     report.output.add(out, torch.from_numpy(onnx_out), rows=True)
     onnx_outs = {n: by_layer.get((n, "out"), []) for n in layer_names}
-    compare_layers(report, rec.outs, onnx_outs, ("the integer model", "ONNX Runtime"))
-    if aligner is not None:
-        report.aligned += aligner.aligned
-        report.max_tie_distance = max(report.max_tie_distance, aligner.max_distance)
+    compare_layers(report, rec.outs, onnx_outs, ("the integer model", "ONNX Runtime"), aligner)
 
 
 def onnx_parity(

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qat.export.parity.align import Aligner
 from qat.export.parity.report import ParityError, ParityReport
 
 
@@ -47,8 +48,10 @@ def compare_layers(
     refs: dict[str, list[torch.Tensor]],
     outs: dict[str, list[torch.Tensor]],
     what: tuple[str, str] = ("the reference", "the integer model"),
+    aligner: Aligner | None = None,
 ) -> None:
-    """Add every layer's outputs `outs[name]` against `refs[name]` to `report.layers`.
+    """Add every layer's outputs `outs[name]` against `refs[name]` to `report.layers`, and the
+    ties `aligner` decided in that run (if it ran aligned) to the report's tie counts.
 
     A layer that ran a different number of times on the two sides (`what` names them) cannot be
     compared: `ParityError` says so (a layer called in Python control flow a trace did not
@@ -62,3 +65,6 @@ def compare_layers(
             )
         for ref, out in zip(r, o, strict=True):
             layer.add(ref, out)
+    if aligner is not None:
+        report.aligned += aligner.aligned
+        report.max_tie_distance = max(report.max_tie_distance, aligner.max_distance)

@@ -154,10 +154,7 @@ def parity_report(
             with aligned(int_model, names, aligner), Recorder(int_model, names) as int_rec:
                 out = as_tensor(forward(int_model, batch))
             report.output.add(ref, out, rows=True)
-            compare_layers(report, ref_rec.outs, int_rec.outs)
-            if aligner is not None:
-                report.aligned += aligner.aligned
-                report.max_tie_distance = max(report.max_tie_distance, aligner.max_distance)
+            compare_layers(report, ref_rec.outs, int_rec.outs, aligner=aligner)
             report.batches += 1
     return report
 
