@@ -67,11 +67,11 @@ def int_layer_from_qat(mod: QATMixin, name: str, families: Families) -> IntLayer
         raise ConvertError(f"{name}: {e}") from None
     new.to(weight.device)
     new.set_weight(weight, *(_qparams(wq) if wq is not None else ()))
-    if bias is not None:
-        new.bias.copy_(bias)
     for role, fq in (("input", iq), ("output", oq)):
         if fq is not None and not fq.spec.dynamic:
             new.set_act_qparams(role, *_qparams(fq))
+    if bias is not None:
+        new.set_bias(bias)  # after the scales: its grid's step is s_x * s_w
     return new
 
 

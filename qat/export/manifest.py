@@ -21,7 +21,7 @@ from qat.export.integer.layer import IntLayer
 from qat.quant.provenance import provenance
 
 FORMAT = "qat-int-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: biases of integer-path layers are int32 codes (s_x * s_w steps)
 WEIGHTS_FILE = "weights.safetensors"
 MANIFEST_FILE = "manifest.json"
 

@@ -92,7 +92,7 @@ class _ConvBnMixin:
         if not self.training or bool(self.bn_frozen):
             # Running statistics (BN frozen, or eval): exactly the exported layer. The same
             # function as scaling back and calling BN in eval mode, with fewer passes.
-            return self._qout(self._conv_forward(x, wq, folded_bias(self, bn)))
+            return self._qout(self._conv_forward(x, wq, self._qbias(folded_bias(self, bn))))
         # Batch statistics drive BN (and update its running statistics). Scaling the
         # quantized weight back per output channel equals scaling the conv output back
         # (conv is linear in the weight) and touches C_out*k values, not every activation.

@@ -107,3 +107,42 @@ def dynamic_qparams(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, tor
     v = to_view(x.detach(), spec)
     mn, mx = torch.aminmax(v, dim=-1)
     return qparams_from_range(mn, mx, spec)
+
+
+# -- the bias grid: int32 codes in steps of s_x * s_w -------------------------------------------
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+
+def bias_on_grid(weight: QuantSpec | None, input: QuantSpec | None) -> bool:  # noqa: A002
+    """Whether a layer's bias is int32 in steps of `s_x * s_w`, as integer kernels add it
+    (ONNX Runtime's QLinearConv, TFLite, accelerators): a static per-tensor input and one weight
+    scale per output channel or tensor. Grouped weights or dynamic inputs keep a float bias.
+
+    Example:
+        >>> bias_on_grid(QuantSpec(bits=8, granularity="per_channel"), QuantSpec(bits=8))
+        True
+        >>> bias_on_grid(QuantSpec(bits=4, granularity="per_group", group_size=32), QuantSpec())
+        False
+    """
+    return (
+        weight is not None and input is not None and not input.dynamic
+        and input.granularity == "per_tensor"
+        and weight.granularity in ("per_tensor", "per_channel")
+    )  # fmt: skip
+
+
+def bias_scale(input_scale: torch.Tensor, weight_scale: torch.Tensor, n_out: int) -> torch.Tensor:
+    """`s_x * s_w` in fp32, one per output channel (`(n_out,)`).
+
+    A per-channel weight scale shorter than `n_out` (grouped transposed convolutions: one scale
+    per channel within a group) repeats for each group.
+    """
+    s = (input_scale.detach().float().reshape(()) * weight_scale.detach().float()).reshape(-1)
+    return s.expand(n_out) if s.numel() == 1 else s.repeat(n_out // s.numel())
+
+
+def quantize_bias(bias: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int32 codes of `bias` (int-valued float64): `clamp(round_half_even(b / s))`, divided in
+    float64 so training and export agree to the code."""
+    q = torch.round(bias.detach().double() / scale.double())
+    return q.clamp_(INT32_MIN, INT32_MAX)

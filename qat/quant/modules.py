@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qat.quant import grid
 from qat.quant.fake_quant import FakeQuantizer
 from qat.quant.spec import QuantSpec
 
@@ -82,6 +83,25 @@ class QATMixin:
     def _qout(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.output_quant is None else self.output_quant(y)
 
+    def _qbias(self, b: torch.Tensor | None) -> torch.Tensor | None:
+        """The bias on its int32 grid of steps `s_x * s_w` (`grid.bias_on_grid`), as the
+        integer layer adds it, with a straight-through gradient; unchanged otherwise and
+        while either quantizer is off (calibration)."""
+        scale = self.bias_scale(b)
+        if scale is None:
+            return b
+        on_grid = (grid.quantize_bias(b, scale) * scale.double()).to(b.dtype)
+        return b + (on_grid - b).detach()
+
+    def bias_scale(self, b: torch.Tensor | None) -> torch.Tensor | None:
+        """`s_x * s_w` per output channel where bias `b` lies on the int32 grid, else None."""
+        wq, iq = self.weight_quant, self.input_quant
+        if b is None or wq is None or iq is None or not grid.bias_on_grid(wq.spec, iq.spec):
+            return None
+        if not (wq.fake_quant_enabled and iq.fake_quant_enabled and iq.calibrated):
+            return None
+        return grid.bias_scale(iq.qparams()[0], wq.qparams()[0], b.numel())
+
     def to_float(self) -> nn.Module:
         """The float layer again, sharing parameters (quantizers dropped)."""
         new = self.FLOAT_TYPE.__new__(self.FLOAT_TYPE)
@@ -108,12 +128,13 @@ class QATLinear(QATMixin, nn.Linear):
     INTEGER_INPUTS = ("per_tensor", "per_token")  # a scale per row of the matmul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._qout(F.linear(self._qin(x), self.quantized_weight(), self.bias))
+        return self._qout(F.linear(self._qin(x), self.quantized_weight(), self._qbias(self.bias)))
 
 
 class _QATConv(QATMixin):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._qout(self._conv_forward(self._qin(x), self.quantized_weight(), self.bias))
+        w, b = self.quantized_weight(), self._qbias(self.bias)
+        return self._qout(self._conv_forward(self._qin(x), w, b))
 
 
 class QATConv1d(_QATConv, nn.Conv1d):
@@ -150,8 +171,9 @@ class QATConvTranspose2d(QATMixin, nn.ConvTranspose2d):
     def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
         pad = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size,
                                    2, self.dilation)  # fmt: skip
-        y = F.conv_transpose2d(self._qin(x), self.quantized_weight(), self.bias, self.stride,
-                               self.padding, pad, self.groups, self.dilation)  # fmt: skip
+        w, b = self.quantized_weight(), self._qbias(self.bias)
+        y = F.conv_transpose2d(self._qin(x), w, b, self.stride, self.padding, pad, self.groups,
+                               self.dilation)  # fmt: skip
         return self._qout(y)
 
 

@@ -53,4 +53,4 @@ class QATConv1D(QATMixin, Conv1D):
         return self.weight.t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._qout(F.linear(self._qin(x), self.quantized_weight(), self.bias))
+        return self._qout(F.linear(self._qin(x), self.quantized_weight(), self._qbias(self.bias)))

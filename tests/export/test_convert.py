@@ -54,7 +54,9 @@ def test_fold_exports_exactly_the_folded_weights_training_quantized():
     assert isinstance(iconv, IntConv2d)
     with torch.no_grad():
         assert torch.equal(iconv.dequantized_weight(), qconv.quantized_weight())
-        assert torch.equal(iconv.bias, qconv.folded_bias())
+        # The bias as int32 codes of the grid training put it on (steps of s_x * s_w).
+        assert iconv.bias.dtype == torch.int32
+        assert torch.equal(iconv.float_bias(), qconv._qbias(qconv.folded_bias()))
 
 
 def test_keep_leaves_a_float_batchnorm_after_the_integer_conv():

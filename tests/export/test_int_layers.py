@@ -68,7 +68,6 @@ def test_int_linear_matches_int64_reference(wd, xd):
     lin.set_weight(
         torch.from_numpy(w), _torch_layout(s_w, ws, w.shape), _torch_layout(z_w, ws, w.shape)
     )
-    lin.bias.copy_(torch.from_numpy(b))
     if xs.dynamic:  # per call, from the data itself
         x2 = x.reshape(-1, 64)
         s_x, z_x, sl_x = _np_params(x2, xs)
@@ -77,6 +76,7 @@ def test_int_linear_matches_int64_reference(wd, xd):
         lin.set_act_qparams("input", torch.tensor(s), torch.tensor(z))
         x2 = x.reshape(-1, 64)
         s_x, z_x, sl_x = np.array([s]), np.array([z]), [np.arange(x2.size)]
+    lin.set_bias(torch.from_numpy(b))  # after the input scale: its grid is s_x * s_w
     qx = _np_codes(x2, s_x, z_x, sl_x, xs)
     qw = _np_codes(w, s_w, z_w, sl_w, ws)
     zx = np.broadcast_to(z_x[:, None] if xs.dynamic else z_x[0], x2.shape).astype(np.int64)
@@ -92,17 +92,28 @@ def test_int_linear_matches_int64_reference(wd, xd):
         acc = xc[:, i : i + g] @ wc[:, i : i + g].T  # exact int64
         expected += acc.double() * sw[:, min(j, sw.shape[1] - 1)]
     sx = torch.from_numpy(s_x).double().reshape(-1, 1)
-    expected = (expected * sx + torch.from_numpy(b).double()).float().reshape(3, 5, 6)
+    bias = torch.from_numpy(b).double()
+    if lin.bias_grid:  # int32 codes round_half_even(b / fp32(s_x * s_w)), in the accumulator
+        s_b = (np.float32(s_x[0]) * s_w.astype(np.float32)).astype(np.float64)
+        bq = torch.from_numpy(np.round(b.astype(np.float64) / s_b))
+        assert torch.equal(lin.bias, bq.int())
+        bias = bq * torch.from_numpy(s_b)
+    expected = (expected * sx + bias).float().reshape(3, 5, 6)
     torch.testing.assert_close(lin(torch.from_numpy(x)), expected, rtol=2**-23, atol=0)
 
 
-def _unfold_conv_ref(xc, wc, s_x, s_w, b, group, **kw):
-    """int64 im2col convolution of centered codes, per weight group (a second, loop-free path)."""
+def _unfold_conv_ref(xc, wc, s_x, s_w, b, group, b_codes=None, **kw):
+    """int64 im2col convolution of centered codes, per weight group (a second, loop-free path);
+    int32 bias codes `b_codes` join the int64 accumulator (no groups), a float bias `b` the
+    result."""
     cols = F.unfold(xc.double(), wc.shape[2:], **kw).long()  # (B, C*kh*kw, L)
     w2 = wc.reshape(wc.shape[0], -1).long()  # (O, C*kh*kw)
     out = torch.zeros(cols.shape[0], w2.shape[0], cols.shape[2], dtype=torch.float64)
     k = w2.shape[1]
     g = group or k
+    if b_codes is not None:
+        acc = torch.einsum("ok,bkl->bol", w2, cols) + b_codes.long()[None, :, None]
+        return (acc.double() * (s_x * s_w.double())[None, :, None]).float()
     for j, i in enumerate(range(0, k, g)):
         acc = torch.einsum("ok,bkl->bol", w2[:, i : i + g], cols[:, i : i + g])  # int64
         sw = s_w[:, j] if group else s_w
@@ -122,14 +133,19 @@ def test_int_conv2d_matches_int64_im2col_reference(group):
     amax = view.abs().amax(-1)
     s_w = amax / 7.5
     conv.set_weight(w, s_w, torch.zeros_like(s_w))
-    conv.bias.copy_(torch.randn(5))
     s_x, z_x = torch.tensor(0.02), torch.tensor(100.0)
     conv.set_act_qparams("input", s_x, z_x)
+    b = torch.randn(5)
+    conv.set_bias(b)
+    b_codes = None
+    if conv.bias_grid:  # int32 codes at fp32(s_x * s_w), added to the accumulator
+        b_codes = torch.round(b.double() / (s_x * s_w).double())
+        assert torch.equal(conv.bias, b_codes.int())
     x = torch.randn(2, 3, 7, 7)
     qx = torch.clamp(torch.round(x / s_x) + z_x, 0, 255)
     qw = conv.int_weight().long()
     expected = _unfold_conv_ref(
-        (qx - z_x).long(), qw, s_x.double(), s_w, conv.bias, group, padding=1, stride=2
+        (qx - z_x).long(), qw, s_x.double(), s_w, b, group, b_codes, padding=1, stride=2
     )
     y = conv(x)
     assert y.shape == (2, 5, 4, 4)
@@ -147,8 +163,8 @@ def test_int_conv2d_grouped_reflect_padding_matches_float64_dequantized_conv():
     w = torch.randn(6, 2, 3, 3)
     s_w = w.reshape(6, -1, 6).abs().amax(-1) / 127.5
     conv.set_weight(w, s_w, torch.zeros_like(s_w))
-    conv.bias.copy_(torch.randn(6))
     conv.set_act_qparams("input", torch.tensor(0.03), torch.tensor(0.0))
+    conv.set_bias(torch.randn(6))  # grouped weights: a float bias
     x = torch.randn(2, 4, 6, 6)
     xq = torch.clamp(torch.round(x / 0.03), -128, 127).double() * 0.03
     wq = conv.dequantized_weight().double()

@@ -1,6 +1,7 @@
 """ONNX export: QDQ structure read back with `onnx`, ONNX Runtime against the integer executor."""
 
 import builtins
+import collections
 import functools
 
 import numpy as np
@@ -95,20 +96,48 @@ def test_cnn_with_folded_bn_is_int8_qdq_and_exact(tmp_path):
     assert len(convs) == 6 and not any(n.endswith("bn1.weight") for n in inits)  # BN folded
     for name in [*convs, "head"]:
         assert f"{name}.weight" not in inits
-    for name in convs:  # float Conv kernels in ONNX Runtime: plain int8 codes
-        assert inits[f"{name}.weight_q"].data_type == TensorProto.INT8
+    for name in convs:  # full-range codes on the integer kernels: uint8 + 128, exact anywhere
+        assert inits[f"{name}.weight_q"].data_type == TensorProto.UINT8
+        assert inits[f"{name}.bias_q"].data_type == TensorProto.INT32
     assert _attr(_weight_dq(model, "conv1"), "axis") == 0  # per output channel
     assert _attr(_weight_dq(model, "head"), "axis") == 1  # (in, out) layout for MatMul
     assert _nodes(model, "QuantizeLinear") and not any(
         n.op_type == "QuantizeLinear" and n.input[0].endswith("weight") for n in model.graph.node
     )
-    codes = numpy_helper.to_array(inits["conv1.weight_q"])
+    codes = numpy_helper.to_array(inits["conv1.weight_q"]).astype(np.int16) - 128
     assert np.array_equal(codes, int_model.conv1.int_weight().numpy())
     # The head runs on the integer GEMM: its codes are stored + 128 with zero point 128.
     assert inits["head.weight_q"].data_type == TensorProto.UINT8
     head = numpy_helper.to_array(inits["head.weight_q"]).astype(np.int16) - 128
     assert np.array_equal(head, int_model.head.int_weight().T.numpy())
     assert set(numpy_helper.to_array(inits["head.weight_zero_point"]).ravel()) == {128}
+    _assert_exact(int_model, path, batches)
+
+
+def _optimized_ops(path, tmp_path) -> collections.Counter:
+    """Op types of the graph ONNX Runtime runs (its fusions, without hardware-specific ones)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+
+
+def test_cnn_convs_run_as_qlinearconv_with_the_int32_biases_training_used(tmp_path):
+    """7-bit weights are int8 codes that no CPU saturates: every Conv becomes ONNX Runtime's
+    integer QLinearConv (8-bit in and out, the bias as int32 codes), none runs in float."""
+    int_model, batches, model, path = _export("cnn", "w7a8", tmp_path)
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    convs = {n: m for n, m in int_model.named_modules() if isinstance(m, qat.export.IntConv2d)}
+    for name, conv in convs.items():
+        assert inits[f"{name}.weight_q"].dtype == np.int8
+        assert np.array_equal(inits[f"{name}.bias_q"], conv.bias.numpy())  # int32 codes
+        step = conv.input_scale.float() * conv.weight_scale.float()  # fp32 s_x * s_w
+        assert np.array_equal(inits[f"{name}.bias_scale"], step.numpy())
+    ops = _optimized_ops(path, tmp_path)
+    assert ops["QLinearConv"] == len(convs) == 6 and not ops["Conv"] and not ops["FusedConv"]
     _assert_exact(int_model, path, batches)
 
 
@@ -127,7 +156,10 @@ def test_gpt_recipes_pass_the_gate(tmp_path, rec):
     elif rec == "w8":  # weight-only: dequantized to a float MatMul, plain int8
         assert init.data_type == TensorProto.INT8 and _attr(dq, "axis") == 1
         shift = 0
-    else:  # the integer GEMM: uint8 codes + 128, exact on every CPU
+    elif rec == "w7a8":  # the integer GEMM, codes within [-64, 64]: int8, exact on every CPU
+        assert init.data_type == TensorProto.INT8 and _attr(dq, "axis") == 1
+        shift = 0
+    else:  # the integer GEMM, full-range codes: uint8 codes + 128, exact on every CPU
         assert init.data_type == TensorProto.UINT8 and _attr(dq, "axis") == 1
         shift = 128
     got = numpy_helper.to_array(init).astype(np.int16) - shift

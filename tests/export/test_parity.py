@@ -52,9 +52,11 @@ def test_gate_fails_on_one_weight_code_off_by_one():
     model, batches = trained("cnn", recipe("w8a8"))
     int_model = convert(model)
     with torch.no_grad():
-        codes = int_model.blocks[0].conv2.weight_codes
+        # conv1: its float output is compared (conv2's is quantized again, which can hide
+        # so small a change on a few batches)
+        codes = int_model.blocks[0].conv1.weight_codes
         codes.view(-1)[0] += 1 if codes.view(-1)[0] < 127 else -1
-    with pytest.raises(ParityError, match=r"blocks\.0\.conv2: relative error"):
+    with pytest.raises(ParityError, match=r"blocks\.0\.conv1: relative error"):
         parity_report(model, int_model, batches).check()
 
 

@@ -110,10 +110,14 @@ def test_frozen_fold_computes_the_exported_conv_and_trains_like_scaling_back_thr
     conv.train()
     x = torch.randn(4, conv.in_channels, 8, 8)
     y = conv(x)
-    # Exactly the integer layer's computation: conv(q(x), fq(w_folded)) + b_folded.
-    expect = conv._conv_forward(conv.input_quant(x), conv.quantized_weight(), conv.folded_bias())
+    # Exactly the integer layer's computation: conv(q(x), fq(w_folded)) + the folded bias on
+    # its int32 grid, round_half_even(b / fp32(s_x * s_w)) steps of s_x * s_w.
+    s_b = (conv.input_quant.scale * conv.weight_quant.scale).double()
+    b = (torch.round(conv.folded_bias().double() / s_b) * s_b).float()
+    expect = conv._conv_forward(conv.input_quant(x), conv.quantized_weight(), b)
     assert torch.equal(y, expect)
-    # Gradients equal those of the textbook form: scale the conv output back, BN in eval mode.
+    # Gradients equal those of the textbook form: scale the conv output back, BN in eval mode,
+    # with the bias moved onto its grid straight-through.
     params = [conv.weight, conv.bn.weight, conv.bn.bias]
     grads = torch.autograd.grad(y.square().sum(), params)
     scale = conv.bn.weight / torch.sqrt(conv.bn.running_var + conv.bn.eps)
@@ -121,7 +125,7 @@ def test_frozen_fold_computes_the_exported_conv_and_trains_like_scaling_back_thr
     ref = torch.nn.functional.batch_norm(
         raw / scale[None, :, None, None], conv.bn.running_mean, conv.bn.running_var,
         conv.bn.weight, conv.bn.bias, training=False, eps=conv.bn.eps,
-    )
+    ) + (b - conv.folded_bias()).detach()[None, :, None, None]
     torch.testing.assert_close(ref, y, rtol=1e-5, atol=1e-5)
     for g, r in zip(grads, torch.autograd.grad(ref.square().sum(), params), strict=True):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)

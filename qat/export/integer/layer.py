@@ -67,7 +67,10 @@ class IntLayer(nn.Module):
             if not ws.symmetric:
                 self.register_buffer("weight_zero_point", torch.zeros(pshape, dtype=torch.uint8))
         n_out = weight_shape[0] if out_channels is None else out_channels
-        self.register_buffer("bias", torch.zeros(n_out) if bias else None)
+        # The bias is int32 codes in steps of s_x * s_w where the contract puts it on that grid.
+        self.bias_grid = bias and grid.bias_on_grid(weight_spec, input_spec)
+        dtype = torch.int32 if self.bias_grid else torch.float32
+        self.register_buffer("bias", torch.zeros(n_out, dtype=dtype) if bias else None)
         for role, spec in (("input", input_spec), ("output", output_spec)):
             if spec is None or spec.dynamic:
                 continue
@@ -103,6 +106,25 @@ class IntLayer(nn.Module):
         self.weight_scale.copy_(scale)
         if not self.weight_spec.symmetric:
             self.weight_zero_point.copy_(zp)
+
+    @torch.no_grad()
+    def set_bias(self, b: torch.Tensor) -> None:
+        """Store float bias `b`: as int32 codes on the bias grid (set the weight and the input
+        scale first), else as is."""
+        if self.bias_grid:
+            self.bias.copy_(grid.quantize_bias(b, self.bias_scale()).to(torch.int32))
+        else:
+            self.bias.copy_(b)
+
+    def bias_scale(self) -> torch.Tensor:
+        """`s_x * s_w` in fp32 per output channel: the step of the int32 bias codes."""
+        return grid.bias_scale(self.input_scale, self.weight_scale, self.bias.numel())
+
+    def float_bias(self) -> torch.Tensor | None:
+        """The bias in fp32 as training adds it (`codes * s_x * s_w` on the bias grid)."""
+        if self.bias is None or not self.bias_grid:
+            return self.bias
+        return (self.bias.double() * self.bias_scale().double()).float()
 
     @torch.no_grad()
     def set_act_qparams(self, role: str, scale: torch.Tensor, zp: torch.Tensor) -> None:
@@ -173,13 +195,14 @@ class IntLayer(nn.Module):
         return grid.dequantize(q, s, z, spec)
 
     def finish(self, acc: torch.Tensor, scale: torch.Tensor, channel_dim: int) -> torch.Tensor:
-        """`acc * scale + bias` in float64 (bias along `channel_dim`), then fp32."""
-        y = acc * scale
-        if self.bias is not None:
-            shape = [1] * y.ndim
-            shape[channel_dim] = -1
-            y = y + self.bias.to(torch.float64).reshape(shape)
-        return y.float()
+        """`acc * scale + bias` in float64 (bias along `channel_dim`), then fp32; an int32 bias
+        joins the accumulator first, `(acc + b) * scale`, as integer kernels add it."""
+        if self.bias is None:
+            return (acc * scale).float()
+        shape = [1] * acc.ndim
+        shape[channel_dim] = -1
+        b = self.bias.to(torch.float64).reshape(shape)
+        return ((acc + b) * scale if self.bias_grid else acc * scale + b).float()
 
     def check_integer_layout(
         self, name: str, input_granularities: tuple[str, ...], output_axis: int = 0

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from qat.export.integer import IntLinear
+from qat.export.integer.conv import _IntConvNd
 from qat.export.integer.layer import IntLayer
 
 FAMILIES = ("vnni", "avx2")
@@ -78,23 +79,32 @@ def check_target(target: str) -> str:
 
 
 def integer_gemm(layer: nn.Module) -> bool:
-    """Whether ONNX Runtime runs `layer` on its integer GEMM: a Linear whose input has a
-    static per-tensor 8-bit grid and whose weight is per tensor or per channel (int4 groups
-    and dynamic per-token inputs dequantize and run the float MatMul)."""
-    if not isinstance(layer, IntLinear) or layer.weight_spec is None or layer.input_spec is None:
+    """Whether ONNX Runtime may run `layer` on its integer GEMM: a Linear (MatMulInteger) or a
+    Conv (QLinearConv, where a quantizer takes its output) whose input has a static
+    per-tensor 8-bit grid and whose weight is per tensor or per channel (int4 groups and
+    dynamic per-token inputs dequantize and run the float op)."""
+    if not isinstance(layer, IntLinear | _IntConvNd):
+        return False
+    if layer.weight_spec is None or layer.input_spec is None:
         return False
     ws, xs = layer.weight_spec, layer.input_spec
     return ws.granularity != "per_group" and not xs.dynamic and xs.granularity == "per_tensor"
 
 
 def shifted_weights(layer: nn.Module, target: str) -> bool:
-    """Whether the file stores this layer's symmetric codes as uint8 + 128 (target `any`)."""
-    return target == "any" and integer_gemm(layer) and layer.weight_spec.symmetric
+    """Whether the file stores this layer's symmetric codes as uint8 + 128: target `any`,
+    where a code lies outside [-64, 64] (int8 codes within it are exact on every CPU, and the
+    u8s8 kernels are the fast ones)."""
+    if target != "any" or not integer_gemm(layer) or not layer.weight_spec.symmetric:
+        return False
+    lo, hi = _span(layer)
+    return lo < -SAFE_CODE or hi > SAFE_CODE
 
 
 def u8s8(layer: nn.Module, target: str) -> bool:
     """Whether this layer runs on the u8s8 kernels (int8 weights) in a file for `target`."""
-    return integer_gemm(layer) and layer.weight_spec.symmetric and target != "any"
+    return (integer_gemm(layer) and layer.weight_spec.symmetric
+            and not shifted_weights(layer, target))  # fmt: skip
 
 
 def _span(layer: IntLayer) -> tuple[int, int]:
@@ -188,6 +198,10 @@ def emulate(int_model: nn.Module, family: str, target: str = "any") -> Iterator[
     if family not in FAMILIES:
         raise ValueError(f"family: got {family!r}; allowed: {', '.join(FAMILIES)}")
     layers = [] if family == "vnni" else [m for m in int_model.modules() if u8s8(m, target)]
+    if any(isinstance(m, _IntConvNd) for m in layers) and inexact_layers(int_model, target, family):
+        raise NotImplementedError("emulate: QLinearConv's int16 pair sums (im2col order) are "
+                                  "not emulated; such a file is refused for this family anyway")
+    layers = [m for m in layers if isinstance(m, IntLinear)]  # convs in range are exact
     for m in layers:
         m._integer_forward = _avx2_forward.__get__(m)
     try:

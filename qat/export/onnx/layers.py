@@ -20,7 +20,7 @@ from qat.export.integer.layer import IntLayer
 from qat.export.onnx import ops
 from qat.quant.spec import QuantSpec
 
-ARGS = ("weight_q", "weight", "weight_scale", "weight_zero_point", "bias",
+ARGS = ("weight_q", "weight", "weight_scale", "weight_zero_point", "bias", "bias_q", "bias_scale",
         "input_scale", "input_zero_point", "output_scale", "output_zero_point")  # fmt: skip
 # padding_mode -> ONNX Pad mode
 _PAD_MODES = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}
@@ -72,11 +72,7 @@ class OnnxLayer(nn.Module):
         else:
             tensors.update(self._weight(layer, ws))
         if layer.bias is not None:
-            b = layer.bias.detach().float().clone()
-            n_dim = getattr(layer, "N_DIM", None)  # convolutions: (O, 1, ...) over (B, O, ...)
-            if n_dim is not None:
-                b = b.reshape(-1, *[1] * n_dim)
-            tensors["bias"] = b
+            tensors.update(self._bias(layer))
         tensors.update(_act_tensors(layer, "input"))
         tensors.update(_act_tensors(layer, "output"))
         for key, t in tensors.items():
@@ -106,6 +102,16 @@ class OnnxLayer(nn.Module):
         if not ws.symmetric or self.shift:
             out["weight_zero_point"] = z.contiguous()
         return out
+
+    def _bias(self, layer: IntLayer) -> dict[str, torch.Tensor]:
+        """Convolutions take int32 bias codes as their third input (`DequantizeLinear` at
+        `s_x * s_w`, which ONNX Runtime fuses into QLinearConv); other layers add the float
+        bias as training does."""
+        n_dim = getattr(layer, "N_DIM", None)  # Conv1d/Conv2d: (O, 1, ...) over (B, O, ...)
+        if n_dim is not None and layer.bias_grid:
+            return {"bias_q": layer.bias.clone(), "bias_scale": layer.bias_scale().clone()}
+        b = layer.float_bias().detach().float().clone()
+        return {"bias": b if n_dim is None else b.reshape(-1, *[1] * n_dim)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _IntOp.apply(self, x, *[getattr(self, k) for k in self.arg_names])
@@ -179,6 +185,7 @@ def linear_graph(g: Any, mod: OnnxLayer, x: Any, t: dict) -> Any:
 def conv_graph(g: Any, mod: OnnxLayer, x: Any, t: dict) -> Any:
     """`IntConv1d`/`IntConv2d`: Pad for non-zero padding modes, Conv, then the float bias."""
     layer, w, bias = mod.layer, weight_graph(g, mod, t), t["bias"]
+    inputs = [x, w, *_bias_input(g, t)]
     n = layer.N_DIM
     pad_twice = list(layer._pad_twice)  # F.pad order: (last_lo, last_hi, prev_lo, prev_hi, ...)
     lo = [pad_twice[2 * (n - 1 - i)] for i in range(n)]
@@ -187,22 +194,31 @@ def conv_graph(g: Any, mod: OnnxLayer, x: Any, t: dict) -> Any:
         if layer.padding_mode not in _PAD_MODES:  # pragma: no cover - torch has no others
             raise ValueError(f"{mod.name}: padding_mode {layer.padding_mode!r} has no ONNX Pad")
         pads = ops.const(g, [0, 0, *lo, 0, 0, *hi], torch.int64)
-        x = g.op("Pad", x, pads, mode_s=_PAD_MODES[layer.padding_mode])
+        inputs[0] = g.op("Pad", x, pads, mode_s=_PAD_MODES[layer.padding_mode])
         lo = hi = [0] * n
     y = g.op(
-        "Conv", x, w, kernel_shape_i=list(layer.kernel_size), strides_i=list(layer.stride),
+        "Conv", *inputs, kernel_shape_i=list(layer.kernel_size), strides_i=list(layer.stride),
         pads_i=lo + hi, dilations_i=list(layer.dilation), group_i=layer.groups,
     )  # fmt: skip
-    # A separate Add, not Conv's bias input: ONNX Runtime rewrites a QDQ Conv's float bias to
-    # int32 in steps of s_x * s_w (WeightBiasQuantization), which the executor does not do.
+    # A float bias (no static input quantizer) stays a separate Add: given as Conv's input,
+    # ONNX Runtime would round it to int32 steps of s_x * s_w (WeightBiasQuantization).
     return y if bias is None else g.op("Add", y, bias)
+
+
+def _bias_input(g: Any, t: dict) -> list[Any]:
+    """A convolution's third input: its int32 bias codes, dequantized at `s_x * s_w` (ONNX
+    Runtime's QDQ fusions keep them as the integer kernel's bias); none for a float bias."""
+    if t["bias_q"] is None:
+        return []
+    return [g.op("DequantizeLinear", t["bias_q"], t["bias_scale"], axis_i=0)]
 
 
 def conv_transpose_graph(g: Any, mod: OnnxLayer, x: Any, t: dict) -> Any:
     """`IntConvTranspose2d`: ConvTranspose (weight dequantized along axis 1), then the bias."""
     layer = mod.layer
     y = g.op(
-        "ConvTranspose", x, weight_graph(g, mod, t), kernel_shape_i=list(layer.kernel_size),
+        "ConvTranspose", x, weight_graph(g, mod, t), *_bias_input(g, t),
+        kernel_shape_i=list(layer.kernel_size),
         strides_i=list(layer.stride), pads_i=list(layer.padding) * 2,
         output_padding_i=list(layer.output_padding), dilations_i=list(layer.dilation),
         group_i=layer.groups,
