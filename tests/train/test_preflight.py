@@ -35,7 +35,7 @@ BAD = [
     (["module.lr=-1e-3"], r"^module\.lr: got -0\.001; allowed: a number in \(0"),
     (["module.optimizer=adam"], r"^module\.optimizer: got 'adam'; allowed: adamw, sgd"),
     (["export.formats=[qat,tflite]"], r"^export\.formats: got 'tflite'; allowed: qat, onnx"),
-    (["export.formats=[gguf]"], r"^export\.formats: gguf needs a llama-style GPT"),
+    (["export.formats=[gguf]"], r"^export\.formats: gguf needs a Llama-family LM"),
     (["recipe.rules.0.weight.bits=9"],
      r"^recipe \(w4a4_lsq\): rules\[0\]\.weight\.bits: got 9; allowed: an integer from 2 to 8"),
     # A recipe that cannot fit the model: 5-wide groups on 8-channel convs.
