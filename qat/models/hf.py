@@ -137,15 +137,9 @@ def build_hf_gguf(path: str | None = None) -> HFLogits:
     if not file.is_file():
         raise FileNotFoundError(f"GGUF file {file} does not exist")
     tf = transformers_module()
-    bars = tf.utils.logging.is_progress_bar_enabled()
-    tf.utils.logging.disable_progress_bar()  # its per-tensor bars: the run's console shows steps
-    try:
-        loaded = tf.AutoModelForCausalLM.from_pretrained(
-            str(file.parent), gguf_file=file.name, dtype=torch.float32, local_files_only=True
-        )
-    finally:
-        if bars:
-            tf.utils.logging.enable_progress_bar()
+    loaded = tf.AutoModelForCausalLM.from_pretrained(
+        str(file.parent), gguf_file=file.name, dtype=torch.float32, local_files_only=True
+    )
     # The same weights in a plain model: transformers flags a GGUF-loaded one as quantized.
     model = tf.AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())

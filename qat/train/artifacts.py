@@ -50,8 +50,10 @@ def export_trained(job: Job, model: torch.nn.Module, dm: Any) -> tuple[torch.nn.
 
         tokenizer = getattr(dm, "tokenizer_file", None)  # a pretrained tokenizer's GGUF
         vocab = list(dm.vocab) if tokenizer is None and hasattr(dm, "vocab") else None
-        out["gguf"] = str(write_gguf(int_model, out_dir / "export" / "model.gguf", vocab=vocab,
-                                     tokenizer_from=tokenizer))  # fmt: skip
+        gguf_path = write_gguf(int_model, out_dir / "export" / "model.gguf", vocab=vocab,
+                               tokenizer_from=tokenizer)  # fmt: skip
+        out["gguf"] = str(gguf_path)
+        out["gguf_parity"] = _gate_gguf(int_model, gguf_path, batches, objective)
     if "onnx" in job.formats:
         from qat.export.onnx import export_onnx
         from qat.export.onnx.parity import gate_onnx
@@ -68,6 +70,20 @@ def export_trained(job: Job, model: torch.nn.Module, dm: Any) -> tuple[torch.nn.
         )  # fmt: skip
         out["onnx"] = str(onnx_path)
     return int_model, out
+
+
+def _gate_gguf(int_model: torch.nn.Module, path: Any, batches: list, objective: str) -> Any:
+    """llama.cpp on the gate's validation tokens against the integer model (`gate_gguf`)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        return "not checked: llama-cpp-python is not installed (make setup builds it)"
+    from qat.export.gguf.parity import gate_gguf
+
+    def forward(m: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        return model_forward(objective, m, {"x": ids})
+
+    return gate_gguf(int_model, path, [b["x"] for b in batches], forward)
 
 
 def _as_inputs(objective: str, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:

@@ -109,3 +109,19 @@ def test_smollm2_loads_as_a_trainable_llama_that_computes_what_llama_cpp_does():
         want = model(torch.tensor([tokens]))[0].numpy()
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
     assert np.abs(got - want).max() <= 0.1 * np.abs(want).max()
+
+
+def test_the_gguf_gate_passes_the_file_llama_cpp_computes_and_removes_one_it_does_not(tmp_path):
+    from qat.export.gguf.parity import gate_gguf
+    from qat.export.parity.report import ParityError
+
+    a, batches = trained("llama", recipe("w4g32"), seed=0)
+    b, _ = trained("llama", recipe("w4g32"), seed=1)  # other weights: not what the file holds
+    int_a, int_b = qat.convert(a), qat.convert(b)
+    path = write_gguf(int_a, tmp_path / "a.gguf")
+    result = gate_gguf(int_a, path, batches)
+    assert result["top1"] >= 0.9 and result["rel"] <= 0.1 and result["calls"] == 4
+    with pytest.raises(ParityError, match=r"GGUF parity gate failed for .*a\.gguf: llama\.cpp's "
+                       r"logits differ from the integer model's by rel"):  # fmt: skip
+        gate_gguf(int_b, path, batches)
+    assert not path.exists()

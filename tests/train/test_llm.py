@@ -29,6 +29,8 @@ def test_distilled_llama_on_gguf_tokens_exports_a_gguf_with_its_tokenizer(make_c
     assert res["qat"]["test/ppl"] > 1 and res["export"]["test/ppl"] == pytest.approx(
         res["qat"]["test/ppl"], rel=1e-4)  # fmt: skip
     path = Path(res["artifacts"]["gguf"])
+    gate = res["artifacts"]["gguf_parity"]  # llama.cpp against the integer model, at export
+    assert gate["top1"] >= 0.9 and gate["rel"] <= 0.1
     reader = gguf.GGUFReader(path)
     kinds = {t.name: t.tensor_type.name for t in reader.tensors}
     assert kinds["blk.0.attn_q.weight"] == "Q4_0" and kinds["token_embd.weight"] == "Q8_0"
