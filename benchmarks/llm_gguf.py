@@ -20,7 +20,6 @@ distillation, written from the trained integer codes).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import resource
 import tempfile
 import time
@@ -31,6 +30,7 @@ import torch
 
 import qat
 from qat.export.gguf import write_float_gguf, write_gguf
+from qat.export.gguf.parity import llama_model
 from qat.models.registry import build_model
 from qat.pretrained import smollm2_gguf
 
@@ -47,21 +47,9 @@ def held_out_text() -> str:
     return "".join(read_play(plays[name]) + "\n\n" for name in test)
 
 
-@contextlib.contextmanager
-def llama(path: Path, threads: int, ctx: int, **kw):
-    import llama_cpp
-
-    llm = llama_cpp.Llama(str(path), n_ctx=ctx, n_threads=threads, verbose=False,
-                          logits_all=True, **kw)  # fmt: skip
-    try:
-        yield llm
-    finally:
-        llm.close()
-
-
 def chunk_logits(path: Path, tokens: list[int], ctx: int, threads: int) -> list[np.ndarray]:
     out = []
-    with llama(path, threads, ctx) as llm:
+    with llama_model(path, ctx, threads) as llm:
         for i in range(0, len(tokens) - ctx + 1, ctx):
             llm.reset()
             llm.eval(tokens[i : i + ctx])
@@ -118,7 +106,7 @@ def main() -> None:
 
     source = smollm2_gguf()
     work = Path(tempfile.mkdtemp(prefix="llm_gguf_"))
-    with llama(source, args.threads, args.ctx, vocab_only=True) as vocab:
+    with llama_model(source, args.ctx, args.threads, vocab_only=True) as vocab:
         tokens = vocab.tokenize(held_out_text().encode(), add_bos=False)[: args.tokens]
     # Weight-only recipes: calibration looks at the weights, any forward pass serves.
     calib = torch.tensor([tokens[: args.ctx]])

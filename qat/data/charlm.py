@@ -130,13 +130,18 @@ class CharLMDataModule(BaseDataModule):
     def _cache_options(self) -> dict:
         raise NotImplementedError
 
-    def _load_splits(self) -> dict[str, TorchDataset]:
-        cache_dir = self.cache_root / fingerprint(self._cache_options())
-        data, meta = load_or_build(
-            cache_dir, lambda: build_charlm_data(self._documents(), self.separator)
-        )
+    def _build(self) -> Built:
+        """The cache's contents: ids per document and split, and the metadata to read back."""
+        return build_charlm_data(self._documents(), self.separator)
+
+    def _read_meta(self, meta: dict) -> None:
         self._vocab = CharVocab.from_dict(meta["vocab"])
         self.doc_names = meta["docs"]
+
+    def _load_splits(self) -> dict[str, TorchDataset]:
+        cache_dir = self.cache_root / fingerprint(self._cache_options())
+        data, meta = load_or_build(cache_dir, self._build)
+        self._read_meta(meta)
         caps = {"train": self.max_train_blocks}
         return {
             split: TokenBlocks(

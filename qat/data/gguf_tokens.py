@@ -9,11 +9,9 @@ from typing import Any
 
 import torch
 from datasets import Dataset, DatasetDict
-from torch.utils.data import Dataset as TorchDataset
 
 from qat.data.base import SPLITS
-from qat.data.cache import fingerprint, load_or_build
-from qat.data.charlm import DOC_FEATURES, Documents, TokenBlocks, flat_ids
+from qat.data.charlm import DOC_FEATURES, Documents
 from qat.data.shakespeare import ShakespeareDataModule
 
 
@@ -81,20 +79,15 @@ class ShakespeareTokensDataModule(ShakespeareDataModule):
         return {**super()._cache_options(), "tokenizer": self.tokenizer_file.name,
                 "tokenizer_bytes": stat.st_size}  # fmt: skip
 
-    def _load_splits(self) -> dict[str, TorchDataset]:
-        def build():
-            tok = GGUFTokenizer(self.tokenizer_file)
-            try:
-                return build_token_data(self._documents(), tok, self.separator)
-            finally:
-                tok.close()
+    def _build(self):
+        tok = GGUFTokenizer(self.tokenizer_file)
+        try:
+            return build_token_data(self._documents(), tok, self.separator)
+        finally:
+            tok.close()
 
-        data, meta = load_or_build(self.cache_root / fingerprint(self._cache_options()), build)
+    def _read_meta(self, meta: dict) -> None:
         self._n_vocab, self.doc_names = int(meta["n_vocab"]), meta["docs"]
-        caps = {"train": self.max_train_blocks}
-        return {split: TokenBlocks(flat_ids(data[split]), self.block_size, self.stride,
-                                   caps.get(split, self.max_eval_blocks))
-                for split in SPLITS}  # fmt: skip
 
     @property
     def vocab_size(self) -> int:

@@ -146,3 +146,8 @@ def quantize_bias(bias: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     float64 so training and export agree to the code."""
     q = torch.round(bias.detach().double() / scale.double())
     return q.clamp_(INT32_MIN, INT32_MAX)
+
+
+def dequantize_bias(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`codes * s` computed in float64, rounded once to `dtype`: the bias training adds."""
+    return (codes.double() * scale.double()).to(dtype)

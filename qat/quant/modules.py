@@ -90,7 +90,7 @@ class QATMixin:
         scale = self.bias_scale(b)
         if scale is None:
             return b
-        on_grid = (grid.quantize_bias(b, scale) * scale.double()).to(b.dtype)
+        on_grid = grid.dequantize_bias(grid.quantize_bias(b, scale), scale, b.dtype)
         return b + (on_grid - b).detach()
 
     def bias_scale(self, b: torch.Tensor | None) -> torch.Tensor | None:

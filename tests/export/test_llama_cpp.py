@@ -1,8 +1,6 @@
 """GGUF files run by llama.cpp itself (`llama-cpp-python`, built by `make setup`): a tiny
 Hugging Face Llama with grouped-query attention, qat's GPT, and SmolLM2's tokenizer."""
 
-import contextlib
-
 import gguf
 import numpy as np
 import pytest
@@ -10,6 +8,7 @@ import torch
 
 import qat
 from qat.export.gguf import write_gguf
+from qat.export.gguf.parity import llama_model
 from qat.models.registry import build_model
 from qat.pretrained import smollm2_gguf
 
@@ -18,17 +17,12 @@ from .helpers import LLAMA, recipe, trained
 llama_cpp = pytest.importorskip("llama_cpp")
 
 
-@contextlib.contextmanager
 def _llama(path, **kw):
-    llm = llama_cpp.Llama(str(path), n_ctx=64, n_threads=2, verbose=False, seed=0, **kw)
-    try:
-        yield llm
-    finally:
-        llm.close()
+    return llama_model(path, 64, 2, seed=0, **kw)  # the export gate's way to open a file
 
 
 def _logits(path, tokens: list[int]) -> np.ndarray:
-    with _llama(path, logits_all=True) as llm:
+    with _llama(path) as llm:
         llm.eval(tokens)
         return np.array(llm.scores[: len(tokens)])
 

@@ -25,11 +25,13 @@ MIN_TOP1 = 0.9
 
 
 @contextlib.contextmanager
-def _llama(path: Path, n_ctx: int, threads: int | None):
+def llama_model(path: str | Path, n_ctx: int, threads: int | None = None, **kw: Any):
+    """GGUF file `path` opened in llama.cpp with every position's logits kept, closed on exit
+    (`kw`: more `llama_cpp.Llama` options, e.g. `vocab_only=True`)."""
     import llama_cpp
 
     llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=True, verbose=False,
-                          n_threads=threads or torch.get_num_threads())  # fmt: skip
+                          n_threads=threads or torch.get_num_threads(), **kw)  # fmt: skip
     try:
         yield llm
     finally:
@@ -49,7 +51,7 @@ def gguf_parity(
     batches = [t.reshape(-1, t.shape[-1]) for t in tokens]
     run = forward or (lambda m, ids: m(ids))
     result = TensorParity("llama.cpp logits")
-    with _llama(Path(path), max(t.shape[-1] for t in batches), threads) as llm:
+    with llama_model(path, max(t.shape[-1] for t in batches), threads) as llm:
         for batch in batches:
             for row in batch:
                 llm.reset()

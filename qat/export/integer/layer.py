@@ -124,7 +124,7 @@ class IntLayer(nn.Module):
         """The bias in fp32 as training adds it (`codes * s_x * s_w` on the bias grid)."""
         if self.bias is None or not self.bias_grid:
             return self.bias
-        return (self.bias.double() * self.bias_scale().double()).float()
+        return grid.dequantize_bias(self.bias, self.bias_scale(), torch.float32)
 
     @torch.no_grad()
     def set_act_qparams(self, role: str, scale: torch.Tensor, zp: torch.Tensor) -> None:
