@@ -57,6 +57,21 @@ def chunk_logits(path: Path, tokens: list[int], ctx: int, threads: int) -> list[
     return out
 
 
+def generation_speed(path: Path, prompt: list[int], threads: int, n: int = 64) -> float:
+    """Greedy generation, tokens per second: `n` tokens one at a time after `prompt` (the best
+    of two runs, so a stray load on the machine does not decide it)."""
+    best = 0.0
+    with llama_model(path, len(prompt) + n, threads) as llm:
+        for _ in range(2):
+            llm.reset()
+            llm.eval(prompt)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+            best = max(best, n / (time.perf_counter() - t0))
+    return best
+
+
 def perplexity(logits: list[np.ndarray], tokens: list[int], ctx: int) -> float:
     nll, n = 0.0, 0
     for c, lg in enumerate(logits):
@@ -133,16 +148,20 @@ def main() -> None:
           f"Shakespeare, {len(tokens)} tokens in chunks of {args.ctx}; float model loaded "
           f"in {load_s:.0f} s\n")  # fmt: skip
     print("| model | size (MiB) | ppl (llama.cpp) | top-1 agreement with float | "
-          "share of llama.cpp Q4_0's gap recovered |")  # fmt: skip
-    print("|---|---|---|---|---|")
+          f"share of llama.cpp Q4_0's gap recovered | generation (tok/s, {args.threads} "
+          "threads) |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
     logits = {k: chunk_logits(p, tokens, args.ctx, args.threads) for k, p in files.items()}
     ppl = {k: perplexity(v, tokens, args.ctx) for k, v in logits.items()}
     ref = np.concatenate([lg.argmax(-1) for lg in logits["float (F32)"]])
     gap = ppl["llama.cpp Q4_0"] - ppl["float (F32)"]
+    speed = {k: generation_speed(p, tokens[:16], args.threads) for k, p in files.items()}
     for k, p in files.items():
         top1 = float((np.concatenate([lg.argmax(-1) for lg in logits[k]]) == ref).mean())
         rec = "-" if "Q4_0" not in k else f"{(ppl['llama.cpp Q4_0'] - ppl[k]) / gap:.0%}"
-        print(f"| {k} | {p.stat().st_size / 2**20:.1f} | {ppl[k]:.2f} | {top1:.4f} | {rec} |")
+        tps = f"{speed[k]:.0f} ({speed[k] / speed['float (F32)']:.2f}x F32)"
+        print(f"| {k} | {p.stat().st_size / 2**20:.1f} | {ppl[k]:.2f} | {top1:.4f} | {rec} | "
+              f"{tps} |")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print("\nqat PTQ (calibrate + convert) seconds: "
           + ", ".join(f"{k} {v:.0f}" for k, v in ptq_s.items()) + f"; peak RAM {peak:.1f} GiB")

@@ -207,6 +207,9 @@ class FakeQuantizer(nn.Module):
         if spec.dynamic:
             if not self.fake_quant_enabled:
                 return x
+            if spec.arithmetic == "llama_cpp":  # codes from the fp32 range: see grid
+                q, s, z = grid.dynamic_quantize(x, spec)
+                return _ste(x, grid.dequantize(q, s, z, spec).to(x.dtype))
             s, z = grid.dynamic_qparams(x, spec)
             return fake_quantize(x, s, None if spec.symmetric else z, spec)
         owned_by_optimizer = self.learned and self.fake_quant_enabled and self.calibrated

@@ -1,8 +1,9 @@
 """The numerics contract in one place: layouts, scale/zero-point rules, quantize/dequantize.
 
 Every quantized tensor is viewed as `(*P, R)`: `P` is the shape of its scales (`()` per tensor,
-`(C,)` per channel, `(rows, groups)` per group, `(*lead,)` per token) and `R` the elements that
-share one scale. Training, export and the integer executor all go through these functions.
+`(C,)` per channel, `(rows, groups)` per group, `(*lead,)` per token, `(*lead, groups)` for
+dynamic per-group activations, grouped along their last dim) and `R` the elements that share
+one scale. Training, export and the integer executor all go through these functions.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def to_view(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
         return x.reshape(-1)
     if g == "per_channel":
         return x.movedim(spec.axis, 0).reshape(x.shape[spec.axis], -1)
+    if g == "per_group" and spec.dynamic:  # activations: groups along the last dim
+        return x.reshape(*x.shape[:-1], -1, spec.group_size)
     if g == "per_group":
         return x.reshape(x.shape[0], -1, spec.group_size)
     return x  # per_token: the last dim is R already
@@ -103,10 +106,42 @@ def dequantize(
 
 
 def dynamic_qparams(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-call min/max scales for dynamic quantization (per token or per tensor)."""
+    """Per-call min/max scales for dynamic quantization (per tensor, token or group).
+
+    `arithmetic: llama_cpp` stores `fp16(amax / qmax)` unfloored, as llama.cpp's Q8_0 blocks do.
+    """
     v = to_view(x.detach(), spec)
+    if spec.arithmetic == "llama_cpp":
+        s = (v.abs().amax(-1).float() / spec.qmax).half().float()
+        return s, torch.zeros_like(s)
     mn, mx = torch.aminmax(v, dim=-1)
     return qparams_from_range(mn, mx, spec)
+
+
+def dynamic_quantize(
+    x: torch.Tensor, spec: QuantSpec
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(codes, scale, zero_point)` of `x` under dynamic `spec`, scales from `x` itself.
+
+    `arithmetic: llama_cpp`: `codes = round_half_even(x * (qmax / amax))` in fp32 (0 where
+    `amax` is 0), as llama.cpp's AVX2/AVX-512 `quantize_row_q8_0`: the codes come from the fp32
+    range, the stored scale is its fp16 rounding.
+
+    Example:
+        >>> spec = QuantSpec(bits=8, granularity="per_group", group_size=2, dynamic=True,
+        ...                  narrow_range=True, scale_dtype="fp16", arithmetic="llama_cpp")
+        >>> q, s, _ = dynamic_quantize(torch.tensor([[0.5, -1.0, 0.0, 0.0]]), spec)
+        >>> q.tolist(), s.shape
+        ([[64.0, -127.0, 0.0, 0.0]], torch.Size([1, 2]))
+    """
+    s, z = dynamic_qparams(x, spec)
+    if spec.arithmetic != "llama_cpp":
+        return quantize(x, s, z, spec), s, z
+    v = to_view(x.detach().float(), spec)
+    amax = v.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, spec.qmax / amax, torch.zeros_like(amax))
+    q = torch.round(v * inv).clamp_(spec.qmin, spec.qmax)
+    return from_view(q, spec, x.shape), s, z
 
 
 # -- the bias grid: int32 codes in steps of s_x * s_w -------------------------------------------

@@ -125,7 +125,8 @@ class QATLinear(QATMixin, nn.Linear):
     """
 
     FLOAT_TYPE = nn.Linear
-    INTEGER_INPUTS = ("per_tensor", "per_token")  # a scale per row of the matmul
+    # A scale per row of the matmul, or per row and group of `group_size` columns.
+    INTEGER_INPUTS = ("per_tensor", "per_token", "per_group")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._qout(F.linear(self._qin(x), self.quantized_weight(), self._qbias(self.bias)))

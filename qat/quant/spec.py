@@ -10,6 +10,10 @@ GRANULARITIES = ("per_tensor", "per_channel", "per_group", "per_token")
 OBSERVERS = ("minmax", "ema", "percentile", "mse")
 LEARN = ("none", "lsq", "lsq_plus", "pact")
 SCALE_DTYPES = ("fp32", "fp16")
+# How codes are computed from the range: `exact` divides by the stored scale (the contract's
+# `round(x / s)`, as ONNX QuantizeLinear); `llama_cpp` multiplies by `qmax / amax` in fp32 and
+# stores `fp16(amax / qmax)`, as llama.cpp's CPU kernels quantize activations to Q8_0 blocks.
+ARITHMETICS = ("exact", "llama_cpp")
 ROLES = ("weight", "input", "output")
 
 
@@ -36,6 +40,7 @@ _FIELD_RULES: dict[str, tuple[Any, str]] = {
     "observer": (lambda v: v in OBSERVERS, ", ".join(OBSERVERS)),
     "learn": (lambda v: v in LEARN, ", ".join(LEARN)),
     "scale_dtype": (lambda v: v in SCALE_DTYPES, ", ".join(SCALE_DTYPES)),
+    "arithmetic": (lambda v: v in ARITHMETICS, ", ".join(ARITHMETICS)),
     "axis": (_is_int, "an integer dimension index"),
     "group_size": (lambda v: v is None or (_is_int(v) and v >= 1), "a positive integer or null"),
     "momentum": (lambda v: _is_num(v) and 0.0 <= v < 1.0, "a number in [0, 1)"),
@@ -58,8 +63,8 @@ _ROLE_REFUSES: dict[str, dict[str, tuple[tuple[Any, ...], str]]] = {
         "dynamic": ((True,), "false for weights"),
     },
     "input": {
-        "granularity": (("per_channel", "per_group"), "per_tensor or per_token for activations "
-                        "(integer matmul needs one scale per row)"),
+        "granularity": (("per_channel",), "per_tensor, per_token, or per_group (dynamic, groups "
+                        "along the last dim) for activations"),
     },
 }
 _ROLE_REFUSES["output"] = _ROLE_REFUSES["input"]
@@ -107,6 +112,11 @@ def check_integer_layout(
         raise _fail(f"{weight.path}.granularity", "per_group", f"per_tensor or per_channel "
                     f"(axis {output_axis}) for {where}: its groups would run across output "
                     "channels")
+    if (input.granularity == weight.granularity == "per_group"
+            and input.group_size != weight.group_size):
+        raise _fail(f"{input.path}.group_size", input.group_size, f"{weight.group_size}, the "
+                    f"weight's group size, for {where}: each dot product of a group is scaled "
+                    "by one input and one weight scale")  # fmt: skip
     if input.granularity not in input_granularities:
         raise _fail(f"{input.path}.granularity", input.granularity,
                     f"{' or '.join(input_granularities)} for {where} (its input scales must "
@@ -153,6 +163,7 @@ class QuantSpec:
     percentile: float = 99.99
     learn: str = "none"
     scale_dtype: str = "fp32"
+    arithmetic: str = "exact"
     # Not a quantization field: where this spec came from, for error messages.
     path: str = field(default="spec", compare=False, repr=False)
 
@@ -179,6 +190,17 @@ class QuantSpec:
             )
         if self.narrow_range and not self.symmetric:
             raise _fail(f"{p}.narrow_range", True, "false when symmetric=false")
+        if self.arithmetic == "llama_cpp":
+            self._check_llama_cpp()
+
+    def _check_llama_cpp(self) -> None:
+        """llama.cpp quantizes activations per call, symmetric, `[-qmax, qmax]`, fp16 scales."""
+        need = {"dynamic": True, "symmetric": True, "narrow_range": True, "scale_dtype": "fp16"}
+        for k, v in need.items():
+            if getattr(self, k) != v:
+                raise _fail(f"{self.path}.{k}", getattr(self, k), f"{v!r} with arithmetic: "
+                            "llama_cpp (its activation blocks are dynamic, symmetric, "
+                            "[-127, 127] with fp16 scales)")  # fmt: skip
 
     # -- the integer grid -------------------------------------------------------------------
     @property
@@ -199,6 +221,9 @@ class QuantSpec:
     def check_role(self, role: str) -> QuantSpec:
         """Raise `ValueError` if this spec cannot quantize a tensor of `role`; return self."""
         check_role_fields(role, self.to_dict(), self.path)
+        if role != "weight" and self.granularity == "per_group" and not self.dynamic:
+            raise _fail(f"{self.path}.dynamic", False, "true for per_group activations (their "
+                        "groups run along the last dim, scaled per call)")  # fmt: skip
         return self
 
     def check_shape(self, shape: tuple[int, ...]) -> None:
@@ -232,6 +257,8 @@ class QuantSpec:
             parts.append("narrow")
         if self.scale_dtype != "fp32":
             parts.append(f"scale={self.scale_dtype}")
+        if self.arithmetic != "exact":
+            parts.append(self.arithmetic)
         return " ".join(parts)
 
     @classmethod

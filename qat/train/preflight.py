@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import qat
 from qat.export import read_manifest
+from qat.export.onnx.ops import writes_dynamic
 from qat.quant.plan import Plan
 from qat.quant.recipe import Recipe
 from qat.train.checkpoint import Checkpoint, check_meta, find_last_checkpoint, objective_of
@@ -183,6 +184,17 @@ def needs_teacher(cfg: DictConfig) -> bool:
     return cfg.module.objective == "embedding" or float(cfg.module.get("kd_weight") or 0) > 0
 
 
+def _check_onnx_specs(plan: Plan, recipe_name: Any) -> None:
+    """Refuse, before training, activations that the ONNX exporter cannot write."""
+    for lp in plan.quantized():
+        for role in ("input", "output"):
+            s = lp.specs.get(role)
+            if s is not None and s.dynamic and not writes_dynamic(s):
+                raise ValueError(f"export.formats: onnx cannot quantize {lp.name}'s {role} as "
+                                 f"recipe={recipe_name} asks ({s.describe()}); drop onnx from "
+                                 "export.formats (gguf runs it) or use another recipe")
+
+
 def _train_job(cfg: DictConfig, base: dict[str, Any]) -> Job:
     model, recipe, objective = base["model"], base["recipe"], base["objective"]
     probe = model.probe()  # its errors name model.args
@@ -190,6 +202,8 @@ def _train_job(cfg: DictConfig, base: dict[str, Any]) -> Job:
         plan = qat.plan(probe, recipe)
     except ValueError as e:
         raise ValueError(f"recipe={cfg.get('recipe_name')} on model {model.builder}: {e}") from None
+    if "onnx" in base["formats"]:
+        _check_onnx_specs(plan, cfg.get("recipe_name"))
     resume = init_from = None
     path = _checkpoint_path(cfg)
     if path is not None:

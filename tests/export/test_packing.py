@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qat.export import pack_int4, unpack_int4
-from qat.export.integer import integer_matmul
+from qat.export.integer import grouped_matmul, integer_matmul
 
 
 def test_nibble_order_is_low_then_high_with_twos_complement():
@@ -49,12 +49,10 @@ def test_float64_accumulation_is_exact_against_int64_on_large_k(group_size):
     x[1], w[1] = 127, -128
     ref = x @ w.T  # int64
     assert ref.abs().max() < 2**31  # the contract's int32 accumulator holds it
-    acc = integer_matmul(x.double(), w.double(), group_size)
-    if group_size is not None:
-        ref_groups = torch.stack(
-            [x[:, i : i + group_size] @ w[:, i : i + group_size].T for i in range(0, k, group_size)]
-        )
-        assert torch.equal(acc.long(), ref_groups)
-        acc = acc.sum(0)
+    if group_size is None:
+        acc = integer_matmul(x.double(), w.double())
+    else:  # unit scales: the sum of the exact per-group products, in chunks of groups
+        one = torch.ones((), dtype=torch.float64)
+        acc = grouped_matmul(x.double(), w.double(), group_size, one, one, max_bytes=4 * 4 * 6 * 8)
     assert torch.equal(acc.long(), ref)
     assert ref[0, 0] == 2**29

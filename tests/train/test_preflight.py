@@ -173,3 +173,11 @@ def test_checkpoints_written_before_the_objective_rename_still_check():
     with pytest.raises(ValueError, match=r"^checkpoint mismatch in 'objective': objective: "
                        r"checkpoint 'classification', this run 'causal_lm'"):
         check_meta(old, {"objective": "causal_lm"})
+
+
+def test_onnx_refuses_llama_cpp_activation_blocks_before_training(make_cfg):
+    with pytest.raises(ValueError, match=r"^export\.formats: onnx cannot quantize .*'s input as "
+                       r"recipe=q4_0_llama asks \(8b per_group\(32\) sym dynamic narrow "
+                       r"scale=fp16 llama_cpp\); drop onnx"):  # fmt: skip
+        preflight(make_cfg(["experiment=shakespeare_w4g32a8", "recipe=q4_0_llama",
+                            "export.formats=[qat,onnx]"]))  # fmt: skip

@@ -5,8 +5,8 @@ Buffers (all persistent, so `state_dict` is the artifact's tensor set):
 fp16 when the spec asks for fp16 scales: the same values training used), `weight_zero_point`
 (uint8, asymmetric grids only; symmetric grids have zero point 0), `float_weight` (only when
 the weight is not quantized), `bias` (fp32), and `{input,output}_scale` / `_zero_point` for
-static activation quantizers. Dynamic (per-token) quantizers store nothing: their scales come
-from `grid.dynamic_qparams` at run time, exactly as in training.
+static activation quantizers. Dynamic quantizers store nothing: their codes and scales come
+from `grid.dynamic_quantize` at run time, exactly as in training.
 """
 
 from __future__ import annotations
@@ -178,13 +178,19 @@ class IntLayer(nn.Module):
             return s, torch.zeros_like(s)
         return s, getattr(self, f"{role}_zero_point").float()
 
-    def quantize_act(self, role: str, x: torch.Tensor):
-        """`(codes, scale, zero_point)` of activation `x`; codes are integer-valued fp32."""
+    def act_codes(self, role: str, x: torch.Tensor):
+        """`(codes, scale, zero_point)` of activation `x` as given (codes integer-valued fp32)."""
         spec = getattr(self, f"{role}_spec")
-        if self.align_act is not None:
-            x = self.align_act(self, role, x)
+        if spec.dynamic:
+            return grid.dynamic_quantize(x, spec)
         s, z = self.act_qparams(role, x)
         return grid.quantize(x, s, z, spec), s, z
+
+    def quantize_act(self, role: str, x: torch.Tensor):
+        """`act_codes` of `x` after tie alignment, when a parity run has set it."""
+        if self.align_act is not None:
+            x = self.align_act(self, role, x)
+        return self.act_codes(role, x)
 
     def fake_quant_act(self, role: str, x: torch.Tensor) -> torch.Tensor:
         """Quantize-dequantize like training (for float-path inputs and for outputs)."""

@@ -44,8 +44,18 @@ def last_dim(x: Value) -> int:
     return int(sizes[-1])
 
 
+def writes_dynamic(spec: QuantSpec) -> bool:
+    """Whether ONNX ops compute dynamic `spec`'s codes as `grid` does: one scale per token or
+    per tensor (QuantizeLinear's blocks), `arithmetic: exact` (it divides by the scale)."""
+    return spec.granularity in ("per_token", "per_tensor") and spec.arithmetic == "exact"
+
+
 def dynamic_qparams(g: Graph, x: Value, spec: QuantSpec) -> tuple[Value, Value]:
     """`grid.dynamic_qparams` as ONNX ops: per token (shape `(*lead, 1)`) or per tensor."""
+    if not writes_dynamic(spec):
+        raise ValueError(f"{spec.path}: ONNX export quantizes dynamic activations per token or "
+                         f"per tensor with exact arithmetic, not {spec.describe()}; export this "
+                         "recipe to gguf, or use granularity: per_token")  # fmt: skip
     if spec.granularity == "per_token":
         axes = const(g, [-1], torch.int64)
         mn = g.op("ReduceMin", x, axes, keepdims_i=1)  # (*lead, 1)

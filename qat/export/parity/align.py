@@ -44,14 +44,14 @@ class Aligner:
             return x
         self.cursor[key] = i + 1
         ref = queue[i].to(x.dtype)
+        spec = getattr(layer, f"{role}_spec")
         s_ref, _ = layer.act_qparams(role, ref)
-        step = s_ref if s_ref.ndim == 0 else s_ref[..., None]  # per token: (*lead, 1)
-        dist = (x - ref).abs() / step  # in quantization steps
+        dist = grid.from_view(grid.to_view((x - ref).abs(), spec) / s_ref[..., None], spec,
+                              x.shape)  # in quantization steps  # fmt: skip
         out = torch.where(dist <= self.tolerance, ref, x)
         changed = self._centered(layer, role, x) != self._centered(layer, role, out)
         if changed.any():
             self.aligned += int(changed.sum())
-            spec = getattr(layer, f"{role}_spec")
             far = grid.to_view(dist, spec)[changed].max().item()
             self.max_distance = max(self.max_distance, far)
         return out
@@ -59,9 +59,8 @@ class Aligner:
     @staticmethod
     def _centered(layer: IntLayer, role: str, x: torch.Tensor) -> torch.Tensor:
         spec = getattr(layer, f"{role}_spec")
-        s, z = layer.act_qparams(role, x)
-        q = grid.to_view(grid.quantize(x, s, z, spec), spec)
-        return q - z[..., None]
+        q, _, z = layer.act_codes(role, x)
+        return grid.to_view(q, spec) - z[..., None]
 
 
 @contextlib.contextmanager
