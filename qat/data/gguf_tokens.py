@@ -11,6 +11,7 @@ import torch
 from datasets import Dataset, DatasetDict
 
 from qat.data.base import SPLITS
+from qat.data.cache import Built
 from qat.data.charlm import DOC_FEATURES, Documents
 from qat.data.shakespeare import ShakespeareDataModule
 
@@ -79,7 +80,7 @@ class ShakespeareTokensDataModule(ShakespeareDataModule):
         return {**super()._cache_options(), "tokenizer": self.tokenizer_file.name,
                 "tokenizer_bytes": stat.st_size}  # fmt: skip
 
-    def _build(self):
+    def _build(self) -> Built:
         tok = GGUFTokenizer(self.tokenizer_file)
         try:
             return build_token_data(self._documents(), tok, self.separator)

@@ -112,10 +112,14 @@ def dynamic_qparams(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, tor
     """
     v = to_view(x.detach(), spec)
     if spec.arithmetic == "llama_cpp":
-        s = (v.abs().amax(-1).float() / spec.qmax).half().float()
-        return s, torch.zeros_like(s)
+        return _llama_cpp_scale(v.abs().amax(-1).float(), spec)
     mn, mx = torch.aminmax(v, dim=-1)
     return qparams_from_range(mn, mx, spec)
+
+
+def _llama_cpp_scale(amax: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    s = (amax / spec.qmax).half().float()
+    return s, torch.zeros_like(s)
 
 
 def dynamic_quantize(
@@ -134,11 +138,14 @@ def dynamic_quantize(
         >>> q.tolist(), s.shape
         ([[64.0, -127.0, 0.0, 0.0]], torch.Size([1, 2]))
     """
-    s, z = dynamic_qparams(x, spec)
     if spec.arithmetic != "llama_cpp":
+        s, z = dynamic_qparams(x, spec)
         return quantize(x, s, z, spec), s, z
     v = to_view(x.detach().float(), spec)
-    amax = v.abs().amax(-1, keepdim=True)
+    # One amax for both: this runs on every Linear input every step.
+    amax = v.abs().amax(-1)
+    s, z = _llama_cpp_scale(amax, spec)
+    amax = amax[..., None]
     inv = torch.where(amax > 0, spec.qmax / amax, torch.zeros_like(amax))
     q = torch.round(v * inv).clamp_(spec.qmin, spec.qmax)
     return from_view(q, spec, x.shape), s, z
