@@ -2,11 +2,15 @@
 
 Protocol, per seed: train the float model; from that checkpoint run PTQ (calibrate, no weight
 updates, export) and QAT (the recipe's schedule for N steps, export) for each recipe, and
-continue the float model for the same N steps (the fair baseline). Mean and std over seeds.
+continue the float model for the same N steps (the fair baseline). With `--gptq`, also GPTQ
+PTQ (`task=ptq ptq=gptq`) and QAT started from GPTQ's codes (`recipe.init=gptq`) per recipe.
+Mean and std over seeds.
 
     .venv/bin/python benchmarks/results.py --task digits --seeds 0 1 2
     .venv/bin/python benchmarks/results.py --task shakespeare --seeds 0 1 2
     .venv/bin/python benchmarks/results.py --task minilm --seeds 0 1 2
+    .venv/bin/python benchmarks/results.py --task shakespeare --recipes w4g32 --gptq \
+        --out benchmarks/results/gptq
 
 Writes benchmarks/results/<task>.csv (one row per run) and <task>.md (the table).
 """
@@ -99,6 +103,8 @@ def main() -> None:
     ap.add_argument("--runs-dir", type=Path, default=ROOT / "outputs" / "benchmarks")
     ap.add_argument("--append", action="store_true",
                     help="keep the rows of other seeds already in <task>.csv")
+    ap.add_argument("--gptq", action="store_true",
+                    help="add GPTQ PTQ and GPTQ-initialised QAT rows for every recipe")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = ap.parse_args()
     spec = TASKS[args.task]
@@ -125,6 +131,13 @@ def main() -> None:
             rows.append(_row(seed, "PTQ", recipe, ptq["export"], ptq, m))
             q = one_run(base + s + init + [f"recipe={recipe}"], root / f"qat_{recipe}")
             rows.append(_row(seed, "QAT", recipe, q["export"], q, m))
+            if args.gptq:
+                g = one_run(base + s + init + [f"recipe={recipe}", "task=ptq", "ptq=gptq"],
+                            root / f"gptq_{recipe}")
+                rows.append(_row(seed, "GPTQ", recipe, g["export"], g, m))
+                gq = one_run(base + s + init + [f"recipe={recipe}", "recipe.init=gptq"],
+                             root / f"qat_gptq_{recipe}")
+                rows.append(_row(seed, "QAT from GPTQ", recipe, gq["export"], gq, m))
             _write_csv(csv_path, rows)
             print(f"[{args.task}] seed {seed} {recipe}: PTQ {rows[-2]['test']:.4f} "
                   f"QAT {rows[-1]['test']:.4f}", flush=True)
@@ -206,12 +219,14 @@ def table(rows: list[dict[str, Any]], m: str, task: str) -> str:
         cont = statistics.mean(groups.get(("float (continued)", "-"), groups[("float", "-")]))
         lines += ["", "| recipe | (ppl_PTQ - ppl_QAT) / (ppl_PTQ - ppl_float) | same, with the "
                   "float model continued for as many steps as QAT |", "|---|---|---|"]
+        # PTQ is round-to-nearest; GPTQ rows are measured against the same gap.
         for (method, recipe), vals in groups.items():
-            if method == "QAT":
+            if method in ("QAT", "GPTQ", "QAT from GPTQ"):
                 ptq, q = statistics.mean(groups[("PTQ", recipe)]), statistics.mean(vals)
                 share = (ptq - q) / (ptq - fl) if ptq != fl else float("nan")
                 fair = (ptq - q) / (ptq - cont) if ptq != cont else float("nan")
-                lines.append(f"| {recipe} | {share:.0%} | {fair:.0%} |")
+                name = recipe if method == "QAT" else f"{recipe}, {method}"
+                lines.append(f"| {name} | {share:.0%} | {fair:.0%} |")
     return "\n".join(lines) + "\n"
 
 

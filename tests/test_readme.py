@@ -157,8 +157,13 @@ def _check_console(args: list[str], text: str) -> None:
     jobs = 3 if "-m" in args else 1
     if "trainer=ddp_cpu" in args:  # rank 1 trains, then leaves the rest to rank 0
         assert text.count("training done on this rank; rank 0 evaluates") == 1, text[-3000:]
-    if "task=eval" not in args and "task=export" not in args:
+    if "task=ptq" in args:  # no training: the quantized model is reported as "ptq"
+        assert text.count("ptq: val") == 1 and "qat: val" not in text, (args, text[-3000:])
+        assert "GPTQ: " in text if "ptq=gptq" in args else "GPTQ" not in text
+    elif "task=eval" not in args and "task=export" not in args:
         assert text.count("qat: val") == jobs, (args, text[-3000:])
+        assert ("GPTQ: " in text) == ("recipe.init=gptq" in args), (args, text[-3000:])
+    if "task=eval" not in args and "task=export" not in args:
         assert text.count("outputs:") == jobs and "metrics" in text
 
 

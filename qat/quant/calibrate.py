@@ -55,17 +55,20 @@ def calibrate(
     return used
 
 
-def apply_schedule(model: nn.Module, step: int, steps: dict[str, int | None]) -> None:
+def apply_schedule(
+    model: nn.Module, step: int, steps: dict[str, int | None], weight_observers: bool = True
+) -> None:
     """Set observer / BN switches for optimizer step `step` (idempotent, so resume-safe).
 
     `steps` comes from `Schedule.steps(total)`: observers freeze at `freeze_observers`, BN
     statistics at `freeze_bn`. Fake quant is on throughout training (calibration precedes it).
+    `weight_observers=False` keeps weight scales where they are (GPTQ chose the codes on them).
     """
     fo, fb = steps.get("freeze_observers"), steps.get("freeze_bn")
     obs_on = fo is None or step < fo
     bn_frozen = fb is not None and step >= fb
     for q in quantizers(model).values():
-        q.observer_enabled.fill_(obs_on)
+        q.observer_enabled.fill_(obs_on and (weight_observers or q.role != "weight"))
         q.fake_quant_enabled.fill_(True)
     for m in model.modules():
         if hasattr(m, "bn_frozen"):

@@ -184,6 +184,22 @@ class FakeQuantizer(nn.Module):
             self.zero_point.copy_(zp)
         self.calibrated.fill_(True)
 
+    @torch.no_grad()
+    def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        """Fix the scale and zero point from outside (GPTQ chose codes on them): marked
+        calibrated, observer off, so neither calibration nor an observer moves them; a learned
+        scale starts from `scale`."""
+        if self.spec.dynamic:
+            raise ValueError(f"{self.name or '?'}: a dynamic quantizer has no stored scale")
+        scale = grid.finalize_scale(scale.float(), self.spec).reshape(self.zero_point.shape)
+        if self.spec.learn == "pact":
+            self.clip.copy_(scale * self._pact_levels())
+        else:
+            self.scale.copy_(scale)
+        self.zero_point.copy_(zero_point.reshape(self.zero_point.shape))
+        self.calibrated.fill_(True)
+        self.observer_enabled.fill_(False)
+
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The scale and integer zero point the forward pass uses (fp32), with gradients."""
         spec = self.spec

@@ -16,7 +16,9 @@ from qat.quant.spec import ROLES, QuantSpec, check_field, check_role_fields
 
 BN_MODES = ("fold", "merge", "keep")
 SCHEDULE_KEYS = ("calibrate", "freeze_observers", "freeze_bn")
-RECIPE_KEYS = ("rules", "ignore", "bn", "schedule", "description")
+RECIPE_KEYS = ("rules", "ignore", "bn", "schedule", "init", "description")
+# Where the weights start from: round-to-nearest codes of the float weights, or GPTQ's.
+INIT_MODES = ("rtn", "gptq")
 RULE_KEYS = ("match", "weight", "input", "output", "optional")
 MATCH_KEYS = ("names", "types", "position")
 
@@ -167,6 +169,7 @@ class Recipe:
     bn: str = "fold"
     schedule: Schedule = Schedule()
     description: str = ""
+    init: str = "rtn"
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -190,7 +193,10 @@ class Recipe:
         desc = d.get("description", "")
         if not isinstance(desc, str):
             raise _fail("description", desc, "a string")
-        return cls(rules, tuple(ignore), bn, schedule, desc, raw=d)
+        init = d.get("init", "rtn")
+        if init not in INIT_MODES:
+            raise _fail("init", init, ", ".join(INIT_MODES))
+        return cls(rules, tuple(ignore), bn, schedule, desc, init, raw=d)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Recipe:

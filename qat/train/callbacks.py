@@ -16,11 +16,16 @@ class QATScheduleCallback(L.Callback):
     The state is a function of `trainer.global_step` alone, so a resumed run lands in the same
     phase as an uninterrupted one. Every `log_every_n_steps` it logs, per quantizer, the share
     of clipped elements (`quant/<name>/clip`) and the mean scale (`quant/<name>/scale`).
+    `weight_observers=False` (a GPTQ start) leaves weight scales to GPTQ and the optimizer.
     """
 
-    def __init__(self, steps: dict[str, int | None], log_every_n_steps: int = 50) -> None:
+    def __init__(
+        self, steps: dict[str, int | None], log_every_n_steps: int = 50,
+        weight_observers: bool = True,
+    ) -> None:
         self.steps = dict(steps)
         self.log_every_n_steps = log_every_n_steps
+        self.weight_observers = weight_observers
 
     def _logging_now(self, trainer: L.Trainer) -> bool:
         n = self.log_every_n_steps
@@ -29,7 +34,7 @@ class QATScheduleCallback(L.Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        apply_schedule(pl_module.model, trainer.global_step, self.steps)
+        apply_schedule(pl_module.model, trainer.global_step, self.steps, self.weight_observers)
         track = self._logging_now(trainer)
         for q in quantizers(pl_module.model).values():
             q.track_stats = track

@@ -112,7 +112,7 @@ def print_summary(results: dict[str, Any], objective: str, outputs: dict[str, st
     table.add_column("model")
     table.add_column(f"val {m}", justify="right")
     table.add_column(f"test {m}", justify="right")
-    for stage in ("float", "qat", "export", "integer", "fake_quant", "without_fake_quant"):
+    for stage in ("float", "qat", "ptq", "export", "integer", "fake_quant", "without_fake_quant"):
         r = results.get(stage) or {}
         if r:
             table.add_row(stage, f"{r.get(f'val/{m}', float('nan')):.4f}",

@@ -24,7 +24,7 @@ from qat.quant.recipe import Recipe
 from qat.train.checkpoint import Checkpoint, check_meta, find_last_checkpoint, objective_of
 from qat.train.model_spec import ModelSpec
 
-COMMANDS = ("train", "eval", "export")
+COMMANDS = ("train", "ptq", "eval", "export")
 OBJECTIVES = ("classification", "causal_lm", "embedding")
 FORMATS = ("qat", "onnx", "gguf")
 GGUF_BUILDERS = ("gpt", "hf_gguf")
@@ -86,6 +86,12 @@ NUMBERS: dict[str, tuple[Any, str]] = {
     "export.min_cosine": _num(-1.0, 1.0),
     "export.onnx.target": _choice("any", "vnni", "avx2"),
     "callbacks.model_checkpoint.every_n_train_steps": _either(_choice(None), _int(1)),
+    "ptq.method": _choice("rtn", "gptq"),
+    "ptq.calibration_batches": _either(_choice(None), _int(1)),
+    "ptq.percdamp": _num(0.0, 1.0, open_lo=True),
+    "ptq.block_size": _int(1),
+    "ptq.act_order": _choice(True, False),
+    "ptq.sequential": _choice(True, False),
 }
 
 
@@ -195,6 +201,19 @@ def _check_onnx_specs(plan: Plan, recipe_name: Any) -> None:
                                  "export.formats (gguf runs it) or use another recipe")
 
 
+def calibration_count(job: Job) -> int:
+    """Calibration batches: `ptq.calibration_batches` for `task=ptq` when set, else the
+    recipe's `schedule.calibrate`."""
+    n = job.cfg.get("ptq", {}).get("calibration_batches") if job.command == "ptq" else None
+    return int(n) if n is not None else job.recipe.schedule.calibrate
+
+
+def _uses_gptq(cfg: DictConfig, recipe: Recipe, command: str) -> bool:
+    if command == "ptq":
+        return cfg.get("ptq", {}).get("method") == "gptq"
+    return recipe.init == "gptq"
+
+
 def _train_job(cfg: DictConfig, base: dict[str, Any]) -> Job:
     model, recipe, objective = base["model"], base["recipe"], base["objective"]
     probe = model.probe()  # its errors name model.args
@@ -223,7 +242,19 @@ def _train_job(cfg: DictConfig, base: dict[str, Any]) -> Job:
                 "stage's checkpoint (float/checkpoints/last.ckpt). To continue a QAT run use "
                 "ckpt_path.")
         _check_origin(init_from, objective, model)
-    return Job(cfg, "train", plan=plan, resume=resume, init_from=init_from, **base)
+    command = str(cfg.get("task", "train"))
+    if command == "ptq" and resume is not None:
+        raise ValueError("task=ptq quantizes a float model: drop ckpt_path (init_from=<float "
+                         "checkpoint> starts from a trained float model)")
+    job = Job(cfg, command, plan=plan, resume=resume, init_from=init_from, **base)
+    if _uses_gptq(cfg, recipe, command):
+        if "ptq" not in cfg:
+            raise ValueError("GPTQ needs the ptq config group: add `- ptq: gptq` to the "
+                             "config's defaults (configs/train.yaml has it)")
+        if resume is None and calibration_count(job) == 0:
+            raise ValueError(f"recipe={cfg.get('recipe_name')}: GPTQ needs calibration batches: "
+                             "set recipe.schedule.calibrate (or ptq.calibration_batches) >= 1")
+    return job
 
 
 def _eval_job(cfg: DictConfig, base: dict[str, Any]) -> Job:
@@ -276,4 +307,5 @@ def preflight(cfg: DictConfig) -> Job:
         "recipe": recipe,
         "formats": _formats(cfg, model) if command != "eval" else ("qat",),
     }
-    return {"train": _train_job, "eval": _eval_job, "export": _export_job}[command](cfg, base)
+    jobs = {"train": _train_job, "ptq": _train_job, "eval": _eval_job, "export": _export_job}
+    return jobs[command](cfg, base)

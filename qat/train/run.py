@@ -1,4 +1,4 @@
-"""The commands `train.py` runs (`task=train|eval|export`), on a `Job` that preflight checked.
+"""The commands `train.py` runs (`task=train|ptq|eval|export`), on a `Job` that preflight checked.
 
     job = preflight(cfg)      # seconds: config, recipe, plan, checkpoint; no data, no Lightning
     results = run(job)        # data, training, evaluation, export
@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import qat
 from qat.io import write_json
+from qat.ptq import GPTQConfig, apply_gptq
 from qat.quant.calibrate import calibrate
 from qat.train.artifacts import export_trained, float_model_of, model_from_checkpoint
 from qat.train.callbacks import QATScheduleCallback
@@ -27,7 +28,7 @@ from qat.train.console import calibration_batches, print_summary, quiet_librarie
 from qat.train.model_spec import ModelSpec
 from qat.train.module import QATModule
 from qat.train.objectives import model_forward
-from qat.train.preflight import Job, needs_teacher, preflight
+from qat.train.preflight import Job, calibration_count, needs_teacher, preflight
 from qat.train.trainer import evaluate, fit, is_rank_zero
 
 
@@ -87,8 +88,34 @@ def _resumed_float(job: Job, spec: ModelSpec) -> tuple[torch.nn.Module, str | No
     return model, float_ckpt
 
 
+def quantize_start(job: Job, model: torch.nn.Module, dm: Any, sched: dict) -> None:
+    """Calibrate, then (`task=ptq ptq=gptq`, or a recipe with `init: gptq`) GPTQ the
+    weights on the same batches: the codes QAT starts from, or PTQ exports."""
+    cfg = job.cfg
+    method = cfg.ptq.method if job.command == "ptq" else job.recipe.init
+    n_cal = calibration_count(job)
+    if cfg.trainer.get("fast_dev_run"):
+        n_cal = min(n_cal, 1)
+    if not n_cal:
+        return
+    show = is_rank_zero() and bool(cfg.trainer.get("enable_progress_bar", True))
+    batches = calibration_batches(dm.train_dataloader(), n_cal, show)
+    if method == "gptq":  # GPTQ runs the batches again, stage by stage
+        batches = list(batches)
+    forward = lambda m, b: model_forward(job.objective, m, b)  # noqa: E731
+    calibrate(model, batches, n_cal, forward=forward)
+    if method == "gptq":
+        start = time.perf_counter()
+        gptq = GPTQConfig(float(cfg.ptq.percdamp), int(cfg.ptq.block_size),
+                          bool(cfg.ptq.act_order), bool(cfg.ptq.sequential))  # fmt: skip
+        report = apply_gptq(model, batches, gptq, forward)
+        if is_rank_zero():
+            say(f"{report.summary()}, in {time.perf_counter() - start:.1f} s")
+
+
 def train(job: Job) -> dict[str, Any]:
-    """Float stage, calibration, QAT, then (rank 0) evaluation, export and the summary."""
+    """Float stage, calibration (and GPTQ), QAT (none for `task=ptq`), then (rank 0)
+    evaluation, export and the summary."""
     cfg, out_dir = job.cfg, job.out_dir
     if is_rank_zero():
         say(job.plan.summary())
@@ -105,7 +132,8 @@ def train(job: Job) -> dict[str, Any]:
     L.seed_everything(int(cfg.seed) + 1, workers=True, verbose=False)
     teacher = copy.deepcopy(float_model) if needs_teacher(job.cfg) else None
     model = qat.prepare(float_model, job.recipe)
-    steps = int(cfg.trainer.max_steps)
+    stage = "ptq" if job.command == "ptq" else "qat"
+    steps = 0 if stage == "ptq" else int(cfg.trainer.max_steps)
     meta = {
         "objective": job.objective,
         "model": spec.as_dict(),
@@ -116,17 +144,15 @@ def train(job: Job) -> dict[str, Any]:
     }
     module = make_module(job, model, dm, meta, teacher=teacher, max_steps=steps)
     sched = job.recipe.schedule.steps(steps)
-    n_cal = 1 if cfg.trainer.get("fast_dev_run") else sched["calibrate"]
-    if job.resume is None and n_cal:
-        show = is_rank_zero() and bool(cfg.trainer.get("enable_progress_bar", True))
-        batches = calibration_batches(dm.train_dataloader(), n_cal, show)
-        calibrate(model, batches, n_cal, forward=lambda m, b: model_forward(job.objective, m, b))
-    callbacks = [QATScheduleCallback(sched, int(cfg.get("log_quant_every_n_steps", 50)))]
+    if job.resume is None:
+        quantize_start(job, model, dm, sched)
+    callbacks = [QATScheduleCallback(sched, int(cfg.get("log_quant_every_n_steps", 50)),
+                                     weight_observers=job.recipe.init != "gptq")]  # fmt: skip
     fit(cfg, module, dm, out_dir, "qat", steps, job.resume, callbacks)
     if not is_rank_zero():
         say("training done on this rank; rank 0 evaluates, exports and reports")
         return results
-    results["qat"] = _evaluate(job, "qat", module, dm)
+    results[stage] = _evaluate(job, stage, module, dm)
     last = out_dir / "checkpoints" / "last.ckpt"
     results["qat_checkpoint"] = str(last) if last.is_file() else None  # none: no steps ran
     outputs = {"checkpoint": str(last)} if last.is_file() else {}
@@ -188,14 +214,14 @@ def monitored_value(results: dict[str, Any], metric: str) -> float | None:
     """The test `metric` a run reports (QAT, else an evaluated checkpoint), for Hydra
     sweepers; None where the task measured none (e.g. `task=export`, whose summary maps
     formats to file paths)."""
-    for key in ("qat", "fake_quant", "float"):
+    for key in ("qat", "ptq", "fake_quant", "float"):
         part = results.get(key)
         if isinstance(part, dict) and f"test/{metric}" in part:
             return float(part[f"test/{metric}"])
     return None
 
 
-RUNNERS = {"train": train, "eval": evaluate_command, "export": export_command}
+RUNNERS = {"train": train, "ptq": train, "eval": evaluate_command, "export": export_command}
 
 
 def run(cfg: DictConfig | Job) -> dict[str, Any]:

@@ -31,25 +31,26 @@ TINY = [
 ]
 
 
+def compose_run_config(tmp_path: Path, data_dir: Path, overrides: list[str], name: str = "run"):
+    """The composed `configs/train.yaml` with `overrides`, its outputs under `tmp_path`."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(ROOT)
+        cfg.paths.data_dir = str(data_dir)
+        cfg.paths.log_dir = str(tmp_path / "logs")
+        cfg.paths.output_dir = str(
+            tmp_path / "logs" / str(cfg.hydra.runtime.choices.experiment) / "runs" / name
+        )
+        cfg.hydra.runtime.output_dir = cfg.paths.output_dir
+        cfg.hydra.job.num = 0
+    HydraConfig().set_config(cfg)
+    return cfg
+
+
 @pytest.fixture
 def make_cfg(tmp_path, data_dir):
     """`make_cfg(overrides, name="run")` -> a composed config whose outputs go to tmp_path."""
-
-    def _make(overrides: list[str], name: str = "run"):
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-            cfg = compose("train", overrides=overrides, return_hydra_config=True)
-        with open_dict(cfg):
-            cfg.paths.root_dir = str(ROOT)
-            cfg.paths.data_dir = str(data_dir)
-            cfg.paths.log_dir = str(tmp_path / "logs")
-            cfg.paths.output_dir = str(
-                tmp_path / "logs" / str(cfg.hydra.runtime.choices.experiment) / "runs" / name
-            )
-            cfg.hydra.runtime.output_dir = cfg.paths.output_dir
-            cfg.hydra.job.num = 0
-        HydraConfig().set_config(cfg)
-        return cfg
-
-    yield _make
+    yield lambda overrides, name="run": compose_run_config(tmp_path, data_dir, overrides, name)
     GlobalHydra.instance().clear()

@@ -1,0 +1,209 @@
+"""GPTQ over a prepared (calibrated) model: every Linear and Conv2d weight, in call order.
+
+Each layer's Hessian comes from its inputs as the layer sees them (after its own input
+quantizer) on the calibration batches. Sequentially (the default) a layer is measured with the
+layers before it already quantized and fake quant on; a stage is the layers called on the same
+input tensor (q/k/v, gate/up), measured in one pass that stops as soon as its last layer has
+seen the batch. Otherwise the model runs once with fake quant off and every layer sees float
+inputs. After GPTQ a layer's weight is its dequantized codes and its weight quantizer holds
+GPTQ's scales with the observer off: `convert` exports exactly those codes.
+
+Layers GPTQ does not walk keep round-to-nearest: embeddings, transposed and grouped
+convolutions, BN-folded convolutions, and weights shared with another module (a tied head).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qat.ptq.gptq import GPTQConfig, gptq_quantize
+from qat.ptq.hessian import Hessian
+from qat.quant import grid
+from qat.quant.control import disable_fake_quant, enable_fake_quant
+from qat.quant.modules import QATConv2d, QATLinear, QATMixin
+
+Forward = Callable[[nn.Module, Any], Any]
+
+
+@dataclass
+class GPTQReport:
+    """Which layers GPTQ quantized and which kept round-to-nearest (with the reason)."""
+
+    quantized: list[str] = field(default_factory=list)
+    kept_rtn: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        why = sorted(set(self.kept_rtn.values()))
+        rest = f"; {len(self.kept_rtn)} kept round-to-nearest ({', '.join(why)})" if why else ""
+        return f"GPTQ: {len(self.quantized)} layers{rest}"
+
+
+def _refusal(mod: nn.Module, shared: set[int]) -> str | None:
+    """Why GPTQ leaves this quantized layer to round-to-nearest, or None."""
+    if type(mod) not in (QATLinear, QATConv2d):
+        return f"{type(mod).__name__} layers"
+    if isinstance(mod, QATConv2d) and mod.groups != 1:
+        return "grouped convolutions"
+    if id(mod.weight) in shared:
+        return "shared weights"
+    if mod.weight_quant.spec.dynamic:
+        return "dynamic weights"
+    return None
+
+
+def _targets(model: nn.Module, report: GPTQReport) -> dict[str, QATMixin]:
+    seen: dict[int, int] = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            seen[id(p)] = seen.get(id(p), 0) + 1
+    shared = {k for k, n in seen.items() if n > 1}
+    out = {}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, QATMixin) or mod.weight_quant is None:
+            continue
+        why = _refusal(mod, shared)
+        if why is None:
+            out[name] = mod
+        else:
+            report.kept_rtn[name] = why
+    return out
+
+
+def layer_rows(mod: QATMixin, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input as rows of its weight's columns, `(N, in * kh * kw)`, after the
+    layer's own input quantizer."""
+    x = mod._qin(x).detach().float()
+    if isinstance(mod, QATConv2d):
+        if mod.padding_mode != "zeros":
+            x = F.pad(x, mod._reversed_padding_repeated_twice, mode=mod.padding_mode)
+            pad = 0
+        else:
+            pad = mod.padding
+        cols = F.unfold(x, mod.kernel_size, mod.dilation, pad, mod.stride)  # (B, C*k*k, L)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    return x.reshape(-1, x.shape[-1])
+
+
+class _Stop(Exception):
+    """Raised by a hook once the stage's layers have their input: the rest is not needed."""
+
+
+def _measure(model, batches, forward, layers: dict[str, QATMixin], stop: bool):
+    """Hessians of `layers` over `batches` (one forward each, cut short when `stop`)."""
+    hs = {n: Hessian(m.weight[0].numel()) for n, m in layers.items()}
+    pending: set[str] = set()
+
+    def hook(name):
+        def fn(mod, args):
+            hs[name].add(layer_rows(mod, args[0]))
+            pending.discard(name)
+            if stop and not pending:
+                raise _Stop
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    try:
+        for batch in batches:
+            pending.update(layers)
+            try:
+                forward(model, batch)
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return hs
+
+
+def _call_stages(model, batch, forward, layers: dict[str, QATMixin]) -> list[list[str]]:
+    """The layers in the order one batch calls them, grouped by shared input tensor (held,
+    not compared by `id`: a freed tensor's id is reused)."""
+    stages: list[list[str]] = []
+    seen: set[str] = set()
+    last: list[torch.Tensor | None] = [None]
+
+    def hook(name):
+        def fn(mod, args):
+            if name in seen:
+                return
+            seen.add(name)
+            if stages and args[0] is last[0]:
+                stages[-1].append(name)
+            else:
+                stages.append([name])
+            last[0] = args[0]
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    try:
+        forward(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return stages
+
+
+@torch.no_grad()
+def _apply(mod: QATMixin, h: Hessian, config: GPTQConfig) -> None:
+    wq, w = mod.weight_quant, mod.weight
+    q, s, z = gptq_quantize(w.detach().reshape(w.shape[0], -1), h.matrix(), wq.spec, config)
+    wq.set_qparams(s, z)
+    s, z = wq.qparams()
+    w.copy_(grid.dequantize(q.reshape(w.shape), s.detach(), z.detach(), wq.spec).to(w.dtype))
+
+
+@torch.no_grad()
+def apply_gptq(
+    model: nn.Module,
+    batches: Iterable[Any],
+    config: GPTQConfig | None = None,
+    forward: Forward | None = None,
+) -> GPTQReport:
+    """GPTQ every Linear/Conv2d weight of the prepared, calibrated `model` on `batches` (a
+    list: it is run several times when sequential). Returns which layers it quantized.
+
+    Example:
+        >>> import qat
+        >>> m = qat.prepare(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)),
+        ...                 {"rules": [{"match": {"types": ["Linear"]}, "weight": {"bits": 4}}]})
+        >>> xs = [torch.randn(16, 8) for _ in range(2)]
+        >>> _ = qat.quant.calibrate(m, xs, num_batches=2)
+        >>> apply_gptq(m, xs).summary()
+        'GPTQ: 2 layers'
+    """
+    config = config or GPTQConfig()
+    forward = forward or (lambda m, b: m(b))
+    batches = list(batches)
+    report = GPTQReport()
+    layers = _targets(model, report)
+    was_training = model.training
+    model.eval()
+    try:
+        if not config.sequential:
+            model.apply(disable_fake_quant)
+            hs = _measure(model, batches, forward, layers, stop=False)
+            model.apply(enable_fake_quant)
+            for name, mod in layers.items():
+                if hs[name].n:
+                    _apply(mod, hs.pop(name), config)
+                    report.quantized.append(name)
+        else:
+            stages = _call_stages(model, batches[0], forward, layers) if batches else []
+            for stage in stages:
+                part = {n: layers[n] for n in stage}
+                for name, h in _measure(model, batches, forward, part, stop=True).items():
+                    _apply(part[name], h, config)
+                    report.quantized.append(name)
+    finally:
+        model.apply(enable_fake_quant)
+        model.train(was_training)
+    for name in layers:
+        if name not in report.quantized:
+            report.kept_rtn[name] = "layers the calibration batches never call"
+    return report

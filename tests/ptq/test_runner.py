@@ -1,0 +1,125 @@
+"""GPTQ over a model: which layers, in which stages, on which inputs, and what `convert` gets."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import qat
+from qat.models.registry import build_model
+from qat.ptq import GPTQConfig, apply_gptq
+from qat.ptq.runner import _call_stages, _targets, layer_rows
+from qat.quant.modules import QATConv2d
+
+W4G16 = {"rules": [{"match": {"types": ["Linear"]}, "weight": {
+    "bits": 4, "granularity": "per_group", "group_size": 16}}]}  # fmt: skip
+
+
+def tokens(seed: int, n: int = 4) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 67, (2, 32), generator=g) for _ in range(n)]
+
+
+def gpt(recipe=W4G16, tie: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    m = build_model("gpt", preset="tiny", vocab_size=67, block_size=32, tie_weights=tie)
+    return qat.prepare(m, recipe)
+
+
+def calibrated(model: nn.Module, batches) -> nn.Module:
+    qat.quant.calibrate(model, batches, num_batches=len(batches))
+    return model
+
+
+def test_stages_group_the_layers_that_read_one_tensor():
+    model = calibrated(gpt(), tokens(0))
+    layers = _targets(model, qat.ptq.GPTQReport())
+    stages = _call_stages(model, tokens(0)[0], lambda m, b: m(b), layers)
+    block = [["blocks.0.attn.q_proj", "blocks.0.attn.k_proj", "blocks.0.attn.v_proj"],
+             ["blocks.0.attn.o_proj"], ["blocks.0.mlp.gate_proj", "blocks.0.mlp.up_proj"],
+             ["blocks.0.mlp.down_proj"]]  # fmt: skip
+    assert stages[:4] == block and stages[-1] == ["lm_head"] and len(stages) == 9
+
+
+def test_convert_exports_exactly_gptqs_codes():
+    model = calibrated(gpt(), tokens(0))
+    before = {n: m.weight.detach().clone() for n, m in model.named_modules()
+              if isinstance(m, nn.Linear)}  # fmt: skip
+    report = apply_gptq(model, tokens(0))
+    assert len(report.quantized) == 15 and not report.kept_rtn
+    int_model = qat.convert(model)
+    layers = dict(int_model.named_modules())
+    for name, mod in model.named_modules():
+        if name in before:
+            assert not torch.equal(mod.weight, before[name])  # GPTQ moved it onto its codes
+            assert not mod.weight_quant.observer_enabled
+            assert torch.equal(layers[name].dequantized_weight(), mod.weight.detach())
+            assert torch.equal(mod.weight_quant(mod.weight), mod.weight)
+
+
+def logits_error(model: nn.Module, reference: nn.Module, batches) -> float:
+    with torch.no_grad():
+        return sum(float(F.mse_loss(model(b), reference(b))) for b in batches)
+
+
+@pytest.mark.parametrize("sequential", [True, False], ids=["sequential", "float inputs"])
+def test_gptq_model_is_closer_to_float_than_round_to_nearest(sequential):
+    torch.manual_seed(0)
+    float_model = build_model("gpt", preset="tiny", vocab_size=67, block_size=32).eval()
+    cal, held = tokens(0, 8), tokens(1)
+    rtn = calibrated(qat.prepare(_copy(float_model), W4G16), cal).eval()
+    gptq = calibrated(qat.prepare(_copy(float_model), W4G16), cal)
+    apply_gptq(gptq, cal, GPTQConfig(sequential=sequential, block_size=32))
+    assert logits_error(gptq.eval(), float_model, held) < 0.8 * logits_error(rtn, float_model, held)
+
+
+def _copy(m: nn.Module) -> nn.Module:
+    return copy.deepcopy(m)
+
+
+def test_sequential_and_float_inputs_measure_different_hessians():
+    a, b = calibrated(gpt(), tokens(0)), calibrated(gpt(), tokens(0))
+    apply_gptq(a, tokens(0), GPTQConfig(sequential=True))
+    apply_gptq(b, tokens(0), GPTQConfig(sequential=False))
+    first = "blocks.0.attn.q_proj"  # sees the embedding alone: the same input both ways
+    mods_a, mods_b = dict(a.named_modules()), dict(b.named_modules())
+    assert torch.equal(mods_a[first].weight, mods_b[first].weight)
+    assert not torch.equal(mods_a["lm_head"].weight, mods_b["lm_head"].weight)
+
+
+def test_a_tied_head_and_embeddings_keep_round_to_nearest():
+    recipe = {"rules": [{"match": {"types": ["Linear", "Embedding"]},
+                         "weight": {"bits": 8, "granularity": "per_channel"}}]}  # fmt: skip
+    model = calibrated(gpt(recipe, tie=True), tokens(0))
+    report = apply_gptq(model, tokens(0))
+    assert report.kept_rtn == {"tok_emb": "QATEmbedding layers", "lm_head": "shared weights"}
+    assert report.summary() == ("GPTQ: 14 layers; 2 kept round-to-nearest "
+                                "(QATEmbedding layers, shared weights)")  # fmt: skip
+
+
+@pytest.mark.parametrize("kw", [dict(padding=1), dict(stride=2, dilation=2, padding=2),
+                                dict(padding=1, padding_mode="reflect")],
+                         ids=["same", "strided dilated", "reflect"])  # fmt: skip
+def test_conv_rows_times_the_weight_are_the_convolution(kw):
+    conv = nn.Conv2d(3, 5, 3, bias=False, **kw)
+    q = QATConv2d.from_float(conv, weight=qat.QuantSpec(bits=8), name="c")
+    x = torch.randn(2, 3, 9, 9)
+    rows = layer_rows(q, x)  # (B * L, C * k * k)
+    y = conv(x)
+    got = (rows @ conv.weight.reshape(5, -1).T).reshape(2, -1, 5).transpose(1, 2)
+    torch.testing.assert_close(got, y.reshape(2, 5, -1))
+
+
+def test_cnn_convolutions_take_gptq_and_folded_batchnorm_keeps_round_to_nearest():
+    rule = {"match": {"types": ["Conv2d", "Linear"]},
+            "weight": {"bits": 4, "granularity": "per_channel"}}  # fmt: skip
+    recipe = {"rules": [rule], "bn": "fold"}
+    model = qat.prepare(build_model("cnn", widths=[8, 16]), recipe)
+    xs = [torch.randn(8, 1, 8, 8) for _ in range(2)]
+    calibrated(model, xs)
+    report = apply_gptq(model, xs)
+    assert report.quantized and set(report.kept_rtn.values()) == {"QATConvBn2d layers"}
