@@ -20,7 +20,9 @@ distillation, written from the trained integer codes).
 from __future__ import annotations
 
 import argparse
+import re
 import resource
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -109,6 +111,24 @@ def qat_ptq(recipe: str, calib: torch.Tensor, dst: Path, source: Path) -> tuple[
     return write_gguf(int_model, dst, tokenizer_from=source), seconds
 
 
+def seed_summary(ppl: dict[str, float], float_ppl: float, q4_ppl: float) -> list[str]:
+    """Mean and spread of rows that differ only in `seed N` (the QAT rows of several runs)."""
+    groups: dict[str, list[float]] = {}
+    for name, v in ppl.items():
+        key = re.sub(r",? ?seed \d+", "", name)
+        if key != name:
+            groups.setdefault(key, []).append(v)
+    lines = []
+    for key, vals in groups.items():
+        if len(vals) < 2:
+            continue
+        rec = [(q4_ppl - v) / (q4_ppl - float_ppl) for v in vals]
+        lines.append(f"{key}: ppl {statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f} "
+                     f"over {len(vals)} seeds; Q4_0 gap recovered {statistics.mean(rec):.0%} "
+                     f"± {statistics.stdev(rec):.0%}")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=2048)
@@ -162,6 +182,8 @@ def main() -> None:
         tps = f"{speed[k]:.0f} ({speed[k] / speed['float (F32)']:.2f}x F32)"
         print(f"| {k} | {p.stat().st_size / 2**20:.1f} | {ppl[k]:.2f} | {top1:.4f} | {rec} | "
               f"{tps} |")
+    for line in seed_summary(ppl, ppl["float (F32)"], ppl["llama.cpp Q4_0"]):
+        print("\n" + line)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print("\nqat PTQ (calibrate + convert) seconds: "
           + ", ".join(f"{k} {v:.0f}" for k, v in ptq_s.items()) + f"; peak RAM {peak:.1f} GiB")

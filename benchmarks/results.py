@@ -139,8 +139,9 @@ def main() -> None:
                              root / f"qat_gptq_{recipe}")
                 rows.append(_row(seed, "QAT from GPTQ", recipe, gq["export"], gq, m))
             _write_csv(csv_path, rows)
-            print(f"[{args.task}] seed {seed} {recipe}: PTQ {rows[-2]['test']:.4f} "
-                  f"QAT {rows[-1]['test']:.4f}", flush=True)
+            done = [r for r in rows if r["seed"] == seed and r["recipe"] == recipe]
+            print(f"[{args.task}] seed {seed} {recipe}: "
+                  + " ".join(f"{r['method']} {r['test']:.4f}" for r in done), flush=True)
     _write_csv(csv_path, rows)
     (args.out / f"{args.task}.md").write_text(table(rows, m, args.task))
     print(table(rows, m, args.task))

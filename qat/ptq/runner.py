@@ -164,9 +164,11 @@ def apply_gptq(
     batches: Iterable[Any],
     config: GPTQConfig | None = None,
     forward: Forward | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> GPTQReport:
     """GPTQ every Linear/Conv2d weight of the prepared, calibrated `model` on `batches` (a
-    list: it is run several times when sequential). Returns which layers it quantized.
+    list: it is run several times when sequential). Returns which layers it quantized;
+    `progress(done, total)` is called after each stage.
 
     Example:
         >>> import qat
@@ -195,11 +197,13 @@ def apply_gptq(
                     report.quantized.append(name)
         else:
             stages = _call_stages(model, batches[0], forward, layers) if batches else []
-            for stage in stages:
+            for i, stage in enumerate(stages):
                 part = {n: layers[n] for n in stage}
                 for name, h in _measure(model, batches, forward, part, stop=True).items():
                     _apply(part[name], h, config)
                     report.quantized.append(name)
+                if progress is not None:
+                    progress(i + 1, len(stages))
     finally:
         model.apply(enable_fake_quant)
         model.train(was_training)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
+from itertools import islice
 from typing import Any
 
 import hydra
@@ -24,7 +25,14 @@ from qat.quant.calibrate import calibrate
 from qat.train.artifacts import export_trained, float_model_of, model_from_checkpoint
 from qat.train.callbacks import QATScheduleCallback
 from qat.train.checkpoint import Checkpoint, check_meta, model_state
-from qat.train.console import calibration_batches, print_summary, quiet_libraries, say, stage_line
+from qat.train.console import (
+    calibration_batches,
+    print_summary,
+    quiet_libraries,
+    say,
+    stage_line,
+    step_bar,
+)
 from qat.train.model_spec import ModelSpec
 from qat.train.module import QATModule
 from qat.train.objectives import model_forward
@@ -88,7 +96,7 @@ def _resumed_float(job: Job, spec: ModelSpec) -> tuple[torch.nn.Module, str | No
     return model, float_ckpt
 
 
-def quantize_start(job: Job, model: torch.nn.Module, dm: Any, sched: dict) -> None:
+def quantize_start(job: Job, model: torch.nn.Module, dm: Any) -> None:
     """Calibrate, then (`task=ptq ptq=gptq`, or a recipe with `init: gptq`) GPTQ the
     weights on the same batches: the codes QAT starts from, or PTQ exports."""
     cfg = job.cfg
@@ -99,16 +107,17 @@ def quantize_start(job: Job, model: torch.nn.Module, dm: Any, sched: dict) -> No
     if not n_cal:
         return
     show = is_rank_zero() and bool(cfg.trainer.get("enable_progress_bar", True))
-    batches = calibration_batches(dm.train_dataloader(), n_cal, show)
+    batches: Any = dm.train_dataloader()
     if method == "gptq":  # GPTQ runs the batches again, stage by stage
-        batches = list(batches)
+        batches = list(islice(batches, n_cal))
     forward = lambda m, b: model_forward(job.objective, m, b)  # noqa: E731
-    calibrate(model, batches, n_cal, forward=forward)
+    calibrate(model, calibration_batches(batches, n_cal, show), n_cal, forward=forward)
     if method == "gptq":
         start = time.perf_counter()
         gptq = GPTQConfig(float(cfg.ptq.percdamp), int(cfg.ptq.block_size),
                           bool(cfg.ptq.act_order), bool(cfg.ptq.sequential))  # fmt: skip
-        report = apply_gptq(model, batches, gptq, forward)
+        with step_bar("GPTQ", show) as advance:
+            report = apply_gptq(model, batches, gptq, forward, advance)
         if is_rank_zero():
             say(f"{report.summary()}, in {time.perf_counter() - start:.1f} s")
 
@@ -145,7 +154,7 @@ def train(job: Job) -> dict[str, Any]:
     module = make_module(job, model, dm, meta, teacher=teacher, max_steps=steps)
     sched = job.recipe.schedule.steps(steps)
     if job.resume is None:
-        quantize_start(job, model, dm, sched)
+        quantize_start(job, model, dm)
     callbacks = [QATScheduleCallback(sched, int(cfg.get("log_quant_every_n_steps", 50)),
                                      weight_observers=job.recipe.init != "gptq")]  # fmt: skip
     fit(cfg, module, dm, out_dir, "qat", steps, job.resume, callbacks)
