@@ -99,6 +99,22 @@ class HFLogits(nn.Module):
         return self.model(**kwargs).logits  # (B, T, V) or (B, num_labels)
 
 
+def enable_activation_checkpointing(model: nn.Module) -> int:
+    """Recompute the activations of every transformers layer in backward instead of keeping
+    them (transformers' gradient checkpointing, non-reentrant): far less memory for one more
+    forward pass per step. Returns how many transformers models were switched."""
+    tf = transformers_module()
+    kind = tf.PreTrainedModel
+    found = [m for m in model.modules()
+             if isinstance(m, kind) and m.supports_gradient_checkpointing]  # fmt: skip
+    if not found:
+        raise ValueError("module.activation_checkpointing: the model has no transformers "
+                         "layers that support it; set module.activation_checkpointing=false")
+    for m in found:
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return len(found)
+
+
 @register("hf_encoder")
 def build_hf_encoder(
     path: str | None = None,

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from qat.models.hf import enable_activation_checkpointing
 from qat.quant import FakeQuantizer, quantizers
 from qat.train.checkpoint import check_meta
 from qat.train.objectives import ObjectiveMetrics, check_objective, model_forward, objective_loss
@@ -114,12 +115,15 @@ class QATModule(L.LightningModule):
         kd_temperature: float = 2.0,
         distill_loss: str = "cosine",
         dropout: float | None = None,
+        activation_checkpointing: bool = False,
         meta: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         if dropout is not None:
             set_dropout(model, dropout)
+        if activation_checkpointing:
+            enable_activation_checkpointing(model)
         self.objective = check_objective(objective)
         self.lr, self.weight_decay, self.quant_lr_mult = lr, weight_decay, quant_lr_mult
         if optimizer not in ("adamw", "sgd"):

@@ -76,6 +76,7 @@ NUMBERS: dict[str, tuple[Any, str]] = {
     "module.optimizer": _choice("adamw", "sgd"),
     "module.distill_loss": _choice("cosine", "mse"),
     "module.dropout": _either(_choice(None), _num(0.0, 0.999999)),
+    "module.activation_checkpointing": _choice(True, False),
     "threads": _either(_choice(None), _int(1)),
     "seed": _int(0),
     "log_quant_every_n_steps": _int(0),
