@@ -111,7 +111,7 @@ def enable_activation_checkpointing(model: nn.Module) -> int:
         raise ValueError("module.activation_checkpointing: the model has no transformers "
                          "layers that support it; set module.activation_checkpointing=false")
     for m in found:
-        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return len(found)
 
 
