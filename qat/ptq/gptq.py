@@ -82,15 +82,14 @@ def inverse_hessian_factor(h: torch.Tensor, percdamp: float) -> torch.Tensor:
     return torch.linalg.cholesky(inv, upper=True)
 
 
-def _column_params(scale: torch.Tensor, zp: torch.Tensor, spec: QuantSpec, rows: int):
-    """Per-row `(s, z)` of `(rows, groups)` scales, for a column of group `g` (0 unless grouped)."""
+def _per_row(scale: torch.Tensor, zp: torch.Tensor, spec: QuantSpec, rows: int):
+    """`(rows, groups)` views of the scales (one group unless grouped): column `c` of group `g`
+    uses `[:, g]`, and writes into a grouped view land in `scale` itself."""
     if spec.granularity == "per_tensor":
-        s, z = scale.reshape(1, 1).expand(rows, 1), zp.reshape(1, 1).expand(rows, 1)
-    elif spec.granularity == "per_channel":
-        s, z = scale.reshape(rows, 1), zp.reshape(rows, 1)
-    else:
-        s, z = scale, zp
-    return s, z
+        return scale.reshape(1, 1).expand(rows, 1), zp.reshape(1, 1).expand(rows, 1)
+    if spec.granularity == "per_channel":
+        return scale.reshape(rows, 1), zp.reshape(rows, 1)
+    return scale, zp
 
 
 def _round(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -131,9 +130,10 @@ def gptq_quantize(
         w, h = w[:, perm], h[perm][:, perm]
     u = inverse_hessian_factor(h, config.percdamp)
     codes = torch.zeros_like(w)
+    s2, z2 = _per_row(scale, zp, spec, rows)
     for b0 in range(0, cols, config.block_size):
         b1 = min(b0 + config.block_size, cols)
-        _quantize_block(w, u, codes, scale, zp, spec, b0, b1, perm)
+        _quantize_block(w, u, codes, s2, z2, spec, b0, b1, perm)
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
     return codes.float(), scale, zp
@@ -141,18 +141,17 @@ def gptq_quantize(
 
 def _quantize_block(w, u, codes, scale, zp, spec, b0, b1, perm) -> None:
     """Columns `b0:b1`, each error spread inside the block at once and after it in one
-    matrix product (the lazy batch update)."""
+    matrix product (the lazy batch update). `scale`, `zp`: the `(rows, groups)` views."""
     blk, ublk = w[:, b0:b1].clone(), u[b0:b1, b0:b1]
     err = torch.zeros_like(blk)
-    grouped, rows = spec.granularity == "per_group", w.shape[0]
+    grouped = spec.granularity == "per_group"
     for i in range(b1 - b0):
         col = b0 + i if perm is None else int(perm[b0 + i])
         g = col // spec.group_size if grouped else 0
         if grouped and perm is None and col % spec.group_size == 0:
             s, z = weight_qparams(blk[:, i : i + spec.group_size].float(), spec)
             scale[:, g], zp[:, g] = s[:, 0], z[:, 0]
-        s, z = _column_params(scale, zp, spec, rows)
-        s, z = s[:, g].to(w.dtype), z[:, g].to(w.dtype)
+        s, z = scale[:, g].to(w.dtype), zp[:, g].to(w.dtype)
         q = _round(blk[:, i], s, z, spec)
         codes[:, b0 + i] = q
         e = (blk[:, i] - (q - z) * s) / ublk[i, i]

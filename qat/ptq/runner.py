@@ -52,8 +52,6 @@ def _refusal(mod: nn.Module, shared: set[int]) -> str | None:
         return "grouped convolutions"
     if id(mod.weight) in shared:
         return "shared weights"
-    if mod.weight_quant.spec.dynamic:
-        return "dynamic weights"
     return None
 
 
@@ -190,7 +188,6 @@ def apply_gptq(
         if not config.sequential:
             model.apply(disable_fake_quant)
             hs = _measure(model, batches, forward, layers, stop=False)
-            model.apply(enable_fake_quant)
             for name, mod in layers.items():
                 if hs[name].n:
                     _apply(mod, hs.pop(name), config)

@@ -209,10 +209,12 @@ def calibration_count(job: Job) -> int:
     return int(n) if n is not None else job.recipe.schedule.calibrate
 
 
-def _uses_gptq(cfg: DictConfig, recipe: Recipe, command: str) -> bool:
-    if command == "ptq":
-        return cfg.get("ptq", {}).get("method") == "gptq"
-    return recipe.init == "gptq"
+def weight_method(job: Job) -> str:
+    """How the weights get their first codes: `ptq.method` for `task=ptq`, else the recipe's
+    `init` (`rtn` or `gptq`)."""
+    if job.command == "ptq":
+        return str(job.cfg.get("ptq", {}).get("method", "rtn"))
+    return job.recipe.init
 
 
 def _train_job(cfg: DictConfig, base: dict[str, Any]) -> Job:
@@ -248,7 +250,7 @@ def _train_job(cfg: DictConfig, base: dict[str, Any]) -> Job:
         raise ValueError("task=ptq quantizes a float model: drop ckpt_path (init_from=<float "
                          "checkpoint> starts from a trained float model)")
     job = Job(cfg, command, plan=plan, resume=resume, init_from=init_from, **base)
-    if _uses_gptq(cfg, recipe, command):
+    if weight_method(job) == "gptq":
         if "ptq" not in cfg:
             raise ValueError("GPTQ needs the ptq config group: add `- ptq: gptq` to the "
                              "config's defaults (configs/train.yaml has it)")

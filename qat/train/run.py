@@ -36,7 +36,7 @@ from qat.train.console import (
 from qat.train.model_spec import ModelSpec
 from qat.train.module import QATModule
 from qat.train.objectives import model_forward
-from qat.train.preflight import Job, calibration_count, needs_teacher, preflight
+from qat.train.preflight import Job, calibration_count, needs_teacher, preflight, weight_method
 from qat.train.trainer import evaluate, fit, is_rank_zero
 
 
@@ -100,10 +100,8 @@ def quantize_start(job: Job, model: torch.nn.Module, dm: Any) -> None:
     """Calibrate, then (`task=ptq ptq=gptq`, or a recipe with `init: gptq`) GPTQ the
     weights on the same batches: the codes QAT starts from, or PTQ exports."""
     cfg = job.cfg
-    method = cfg.ptq.method if job.command == "ptq" else job.recipe.init
-    n_cal = calibration_count(job)
-    if cfg.trainer.get("fast_dev_run"):
-        n_cal = min(n_cal, 1)
+    method = weight_method(job)
+    n_cal = 1 if cfg.trainer.get("fast_dev_run") else calibration_count(job)
     if not n_cal:
         return
     show = is_rank_zero() and bool(cfg.trainer.get("enable_progress_bar", True))
