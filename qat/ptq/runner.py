@@ -4,9 +4,11 @@ Each layer's Hessian comes from its inputs as the layer sees them (after its own
 quantizer) on the calibration batches. Sequentially (the default) a layer is measured with the
 layers before it already quantized and fake quant on; a stage is the layers called on the same
 input tensor (q/k/v, gate/up), measured in one pass that stops as soon as its last layer has
-seen the batch. Otherwise the model runs once with fake quant off and every layer sees float
-inputs. After GPTQ a layer's weight is its dequantized codes and its weight quantizer holds
-GPTQ's scales with the observer off: `convert` exports exactly those codes.
+seen the batch; inside a chain of repeated blocks (a transformer's layers) the pass runs
+that block alone on its cached inputs (`blocks.py`). Otherwise the model runs once with fake
+quant off and every layer sees float inputs. After GPTQ a layer's weight is its dequantized
+codes and its weight quantizer holds GPTQ's scales with the observer off: `convert` exports
+exactly those codes.
 
 Layers GPTQ does not walk keep round-to-nearest: embeddings, transposed and grouped
 convolutions, BN-folded convolutions, and weights shared with another module (a tied head).
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qat.ptq.blocks import block_plan, first_inputs, hidden
 from qat.ptq.gptq import GPTQConfig, gptq_quantize
 from qat.ptq.hessian import Hessian
 from qat.quant import grid
@@ -92,8 +95,8 @@ class _Stop(Exception):
     """Raised by a hook once the stage's layers have their input: the rest is not needed."""
 
 
-def _measure(model, batches, forward, layers: dict[str, QATMixin], stop: bool):
-    """Hessians of `layers` over `batches` (one forward each, cut short when `stop`)."""
+def _measure(run: Callable[[Any], Any], items: list, layers: dict[str, QATMixin], stop: bool):
+    """Hessians of `layers` over `run(item)` for each item (cut short when `stop`)."""
     hs = {n: Hessian(m.weight[0].numel()) for n, m in layers.items()}
     pending: set[str] = set()
 
@@ -103,14 +106,15 @@ def _measure(model, batches, forward, layers: dict[str, QATMixin], stop: bool):
             pending.discard(name)
             if stop and not pending:
                 raise _Stop
+
         return fn
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
     try:
-        for batch in batches:
+        for item in items:
             pending.update(layers)
             try:
-                forward(model, batch)
+                run(item)
             except _Stop:
                 pass
     finally:
@@ -136,6 +140,7 @@ def _call_stages(model, batch, forward, layers: dict[str, QATMixin]) -> list[lis
             else:
                 stages.append([name])
             last[0] = args[0]
+
         return fn
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
@@ -154,6 +159,43 @@ def _apply(mod: QATMixin, h: Hessian, config: GPTQConfig) -> None:
     wq.set_qparams(s, z)
     s, z = wq.qparams()
     w.copy_(grid.dequantize(q.reshape(w.shape), s.detach(), z.detach(), wq.spec).to(w.dtype))
+
+
+def _sequential(model, batches, forward, layers, config, report, progress) -> None:
+    """Stage by stage, each measured with every earlier stage already quantized. Stages
+    inside a chain of repeated blocks run that block alone on its cached inputs (the
+    block's output after its last stage is the next block's input); the rest, or every
+    stage of a model that is not such a chain, run whole-model passes."""
+    stages = _call_stages(model, batches[0], forward, layers)
+    total, done = len(stages), [0]
+
+    def quantize(run, items, stage):
+        part = {n: layers[n] for n in stage}
+        for name, h in _measure(run, items, part, stop=True).items():
+            _apply(part[name], h, config)
+            report.quantized.append(name)
+        done[0] += 1
+        if progress is not None:
+            progress(done[0], total)
+
+    whole = lambda b: forward(model, b)  # noqa: E731
+    plan = block_plan(model, stages, lambda: whole(batches[0]))
+    calls = None
+    if plan is not None:
+        for stage in plan.before:
+            quantize(whole, batches, stage)
+        calls = first_inputs(plan.blocks[0], [lambda b=b: whole(b) for b in batches])
+    if plan is None or calls is None:
+        for stage in stages[done[0] :]:
+            quantize(whole, batches, stage)
+        return
+    for block, inside in zip(plan.blocks, plan.inside, strict=True):
+        run = lambda call, block=block: block(*call[0], **call[1])  # noqa: E731
+        for stage in inside:
+            quantize(run, calls, stage)
+        calls = [((hidden(run(c)),) + c[0][1:], c[1]) for c in calls]
+    for stage in plan.after:
+        quantize(whole, batches, stage)
 
 
 @torch.no_grad()
@@ -187,20 +229,13 @@ def apply_gptq(
     try:
         if not config.sequential:
             model.apply(disable_fake_quant)
-            hs = _measure(model, batches, forward, layers, stop=False)
+            hs = _measure(lambda b: forward(model, b), batches, layers, stop=False)
             for name, mod in layers.items():
                 if hs[name].n:
                     _apply(mod, hs.pop(name), config)
                     report.quantized.append(name)
-        else:
-            stages = _call_stages(model, batches[0], forward, layers) if batches else []
-            for i, stage in enumerate(stages):
-                part = {n: layers[n] for n in stage}
-                for name, h in _measure(model, batches, forward, part, stop=True).items():
-                    _apply(part[name], h, config)
-                    report.quantized.append(name)
-                if progress is not None:
-                    progress(i + 1, len(stages))
+        elif batches:
+            _sequential(model, batches, forward, layers, config, report, progress)
     finally:
         model.apply(enable_fake_quant)
         model.train(was_training)

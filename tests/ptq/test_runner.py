@@ -123,3 +123,76 @@ def test_cnn_convolutions_take_gptq_and_folded_batchnorm_keeps_round_to_nearest(
     calibrated(model, xs)
     report = apply_gptq(model, xs)
     assert report.quantized and set(report.kept_rtn.values()) == {"QATConvBn2d layers"}
+
+
+def _gptq_weights(model: nn.Module, batches, forward=None) -> dict[str, torch.Tensor]:
+    apply_gptq(model, batches, GPTQConfig(block_size=16), forward)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _counted(forward):
+    calls = [0]
+
+    def fn(m, b):
+        calls[0] += 1
+        return forward(m, b)
+
+    return fn, calls
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_cached_block_inputs_give_the_whole_model_passes_codes(family, monkeypatch):
+    """Sequential GPTQ runs a transformer one block at a time on cached inputs: the same
+    Hessians, so the same codes, as re-running the whole model for every stage, with far
+    fewer whole-model passes."""
+    from tests.export.helpers import LLAMA
+
+    def build():
+        if family == "gpt":
+            return gpt()
+        torch.manual_seed(0)
+        m = build_model("hf_causal_lm", config={**LLAMA, "num_hidden_layers": 3}, seed=0)
+        return qat.prepare(m, W4G16)
+
+    batches = [b % 100 for b in tokens(0, 3)]
+    runs = []
+    for cached in (True, False):
+        if not cached:
+            monkeypatch.setattr(qat.ptq.runner, "block_plan", lambda *a: None)
+        model = calibrated(build(), batches)
+        forward, calls = _counted(lambda m, b: m(b))
+        runs.append((_gptq_weights(model, batches, forward), calls[0]))
+    (cached_w, cached_calls), (whole_w, whole_calls) = runs
+    assert cached_w.keys() == whole_w.keys()
+    assert all(torch.equal(cached_w[k], whole_w[k]) for k in cached_w)
+    # cached: stages + chain check + block-0 inputs (3) + the head's stage (3)
+    assert cached_calls == 1 + 1 + 3 + 3 < whole_calls
+
+
+class _Twice(nn.Module):
+    """Calls its one block twice: not a chain of distinct blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(2))
+
+    def forward(self, x):
+        return self.blocks[1](self.blocks[0](self.blocks[0](x)))
+
+
+def test_a_model_that_is_not_a_chain_gets_no_block_plan():
+    from qat.ptq.blocks import block_plan
+
+    rule = {"rules": [{"match": {"types": ["Linear"]}, "weight": {"bits": 4}}]}
+    model = qat.prepare(_Twice(), rule)
+    xs = [torch.randn(4, 8) for _ in range(2)]
+    calibrated(model, xs)
+    layers = _targets(model, qat.ptq.GPTQReport())
+    stages = _call_stages(model, xs[0], lambda m, b: m(b), layers)
+    assert block_plan(model, stages, lambda: model(xs[0])) is None
+    assert len(apply_gptq(model, xs).quantized) == 2  # whole-model passes instead
+    chain = calibrated(gpt(), tokens(0))
+    layers = _targets(chain, qat.ptq.GPTQReport())
+    stages = _call_stages(chain, tokens(0)[0], lambda m, b: m(b), layers)
+    plan = block_plan(chain, stages, lambda: chain(tokens(0)[0]))
+    assert plan is not None and len(plan.blocks) == 2 and plan.after == [["lm_head"]]
