@@ -21,7 +21,9 @@ from qat.export.integer.layer import IntLayer
 from qat.quant.provenance import provenance
 
 FORMAT = "qat-int-artifact"
-FORMAT_VERSION = 2  # 2: biases of integer-path layers are int32 codes (s_x * s_w steps)
+# 2: biases of integer-path layers are int32 codes (s_x * s_w steps); 3: 2- and 3-bit codes
+# packed densely (four, or eight in three bytes) instead of one per nibble
+FORMAT_VERSION = 3
 WEIGHTS_FILE = "weights.safetensors"
 MANIFEST_FILE = "manifest.json"
 

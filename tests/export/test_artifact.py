@@ -123,7 +123,7 @@ def test_truncated_file_is_an_error_even_with_a_matching_checksum(saved):
 
 def test_wrong_format_version(saved):
     _rewrite_manifest(saved, lambda m: m.update(format_version=99))
-    with pytest.raises(ArtifactError, match="format version 99 is not supported.*reads version 2"):
+    with pytest.raises(ArtifactError, match="format version 99 is not supported.*reads version 3"):
         qat.load(saved)
 
 

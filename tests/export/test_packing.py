@@ -1,4 +1,4 @@
-"""Code storage (int4 nibbles) and the exactness of the float64 integer accumulation."""
+"""Code storage (dense 2..4-bit rows, int4 nibbles) and exact float64 integer accumulation."""
 
 import pytest
 import torch
@@ -7,6 +7,8 @@ from hypothesis import strategies as st
 
 from qat.export import pack_int4, unpack_int4
 from qat.export.integer import grouped_matmul, integer_matmul
+from qat.export.integer.packing import pack_bits, stored_shape, unpack_bits
+from qat.quant import QuantSpec
 
 
 def test_nibble_order_is_low_then_high_with_twos_complement():
@@ -30,6 +32,33 @@ def test_int4_pack_unpack_round_trip(rows, cols, signed, seed):
     packed = pack_int4(codes)
     assert packed.shape == (rows, (cols + 1) // 2)
     assert torch.equal(unpack_int4(packed, cols, signed).long(), codes)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 4),
+    cols=st.integers(1, 41),
+    bits=st.sampled_from([2, 3, 4]),
+    signed=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_dense_pack_round_trips_and_takes_bits_per_code(rows, cols, bits, signed, seed):
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    codes = torch.randint(lo, hi + 1, (rows, cols), generator=g)
+    packed = pack_bits(codes, bits)
+    assert packed.shape == (rows, -(-cols * bits // 8))
+    assert stored_shape(QuantSpec(bits=bits, symmetric=signed), (rows, cols)) == packed.shape
+    assert torch.equal(unpack_bits(packed, cols, bits, signed).long(), codes)
+    if bits == 4:  # the nibble layout artifacts and ONNX INT4 use
+        assert torch.equal(packed, pack_int4(codes))
+
+
+def test_three_bit_codes_fill_bytes_least_significant_bit_first():
+    # 0b101, 0b010, 0b111 -> stream 1,0,1, 0,1,0, 1,1 | 1 -> bytes 0b11010101, 0b00000001
+    assert pack_bits(torch.tensor([5, 2, 7]), 3).tolist() == [0b11010101, 0b1]
+    with pytest.raises(ValueError, match=r"3-bit codes must lie in \[-4, 7\]"):
+        pack_bits(torch.tensor([8]), 3)
 
 
 def test_pack_rejects_codes_outside_four_bits():
@@ -56,3 +85,22 @@ def test_float64_accumulation_is_exact_against_int64_on_large_k(group_size):
         acc = grouped_matmul(x.double(), w.double(), group_size, one, one, max_bytes=4 * 4 * 6 * 8)
     assert torch.equal(acc.long(), ref)
     assert ref[0, 0] == 2**29
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_a_low_bit_artifact_stores_bits_per_weight_and_loads_the_same_codes(bits, tmp_path):
+    import qat
+    from qat.models.registry import build_model
+
+    torch.manual_seed(0)
+    gpt = build_model("gpt", preset="tiny", vocab_size=67, block_size=16)
+    recipe = {"rules": [{"match": {"types": ["Linear"]}, "weight": {"bits": bits}}]}
+    model = qat.prepare(gpt, recipe)
+    qat.quant.calibrate(model, [torch.randint(0, 67, (2, 16))], num_batches=1)
+    layer = model.blocks[0].mlp.up_proj
+    int_model = qat.convert(model.eval())
+    rows, cols = layer.weight.shape
+    assert int_model.blocks[0].mlp.up_proj.weight_codes.shape == (rows, cols * bits // 8)
+    loaded = qat.load(qat.save(int_model, tmp_path / "a"))
+    want = layer.weight_quant(layer.weight)
+    assert torch.equal(loaded.blocks[0].mlp.up_proj.dequantized_weight(), want)

@@ -58,8 +58,8 @@ class IntEmbedding(IntLayer):
         if ws is None:
             return self.fake_quant_act("output", F.embedding(idx, self.float_weight))
         d = self.embedding_dim
-        rows = self.weight_codes[idx]  # (*idx, D) or packed (*idx, ceil(D/2))
-        q = packing.unpack_int4(rows, d, ws.symmetric) if packing.is_packed(ws) else rows
+        rows = self.weight_codes[idx]  # (*idx, D) or packed (*idx, ceil(D*bits/8))
+        q = packing.unpack_rows(rows, ws, d) if packing.is_packed(ws) else rows
         s, z = self.weight_qparams()
         g = ws.granularity
         v = q.float()

@@ -1,9 +1,10 @@
-"""Integer code storage: int8/uint8 for 5..8 bits, two 4-bit codes per byte for 2..4 bits.
+"""Integer code storage: int8/uint8 for 5..8 bits; 2..4-bit codes packed densely along each
+row (`pack_bits`: 4, 8/3 or 2 codes per byte).
 
-Nibble order (the ONNX INT4/UINT4 convention): along the last dimension, element `2i` goes in
-the low nibble of byte `i` and element `2i+1` in the high nibble; an odd length is padded with
-a zero nibble. Signed codes are stored in two's complement (`q & 0xF`) and sign-extended on
-unpacking, unsigned codes as they are.
+At 4 bits the stream is the ONNX INT4/UINT4 nibble order: along the last dimension, element
+`2i` goes in the low nibble of byte `i` and element `2i+1` in the high nibble; an odd length
+is padded with a zero nibble. Signed codes are stored in two's complement (`q & 0xF` at 4
+bits) and sign-extended on unpacking, unsigned codes as they are.
 """
 
 from __future__ import annotations
@@ -42,6 +43,43 @@ def unpack_int4(packed: torch.Tensor, length: int, signed: bool) -> torch.Tensor
     return torch.where(out >= 8, out - 16, out) if signed else out
 
 
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer-valued codes of `bits` (2..4) bits into uint8 along the last dim, as a
+    bit stream: code `i` takes bits `i*bits .. i*bits+bits-1` (least significant first) of
+    its row, each row padded to whole bytes. At 4 bits this is `pack_int4`'s nibble order;
+    2 bits put four codes in a byte, 3 bits eight codes in three bytes.
+
+    Example:
+        >>> pack_bits(torch.tensor([1, -2, 3]), 3).tolist()  # 001, 110, 011
+        [241, 0]
+        >>> unpack_bits(pack_bits(torch.tensor([1, -2, 3]), 3), 3, 3, signed=True).tolist()
+        [1, -2, 3]
+    """
+    if bits not in (2, 3, 4):
+        raise ValueError(f"pack_bits: bits must be 2, 3 or 4, got {bits}")
+    c = codes.to(torch.int16)
+    lo, hi = -(1 << (bits - 1)), (1 << bits) - 1
+    if c.numel() and (c.min() < lo or c.max() > hi):
+        raise ValueError(f"pack_bits: {bits}-bit codes must lie in [{lo}, {hi}], got "
+                         f"[{c.min().item()}, {c.max().item()}]")  # fmt: skip
+    n = c.shape[-1]
+    planes = (c[..., None] >> torch.arange(bits)) & 1  # (..., n, bits): two's complement
+    stream = planes.flatten(-2)
+    stream = torch.nn.functional.pad(stream, (0, -(n * bits) % 8))
+    weights = 1 << torch.arange(8, dtype=torch.int16)
+    return (stream.unflatten(-1, (-1, 8)) * weights).sum(-1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, length: int, bits: int, signed: bool) -> torch.Tensor:
+    """Inverse of `pack_bits`: int16 codes of last dim `length` (sign-extended if `signed`)."""
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"unpack_bits: expected a uint8 tensor, got {packed.dtype}")
+    stream = (packed.to(torch.int16)[..., None] >> torch.arange(8)) & 1  # (..., bytes, 8)
+    planes = stream.flatten(-2)[..., : length * bits].unflatten(-1, (length, bits))
+    out = (planes << torch.arange(bits, dtype=torch.int16)).sum(-1).to(torch.int16)
+    return torch.where(out >= 1 << (bits - 1), out - (1 << bits), out) if signed else out
+
+
 def is_packed(spec: QuantSpec) -> bool:
     return spec.bits <= 4
 
@@ -51,28 +89,35 @@ def code_dtype(spec: QuantSpec) -> torch.dtype:
     return torch.int8 if spec.symmetric else torch.uint8
 
 
-def stored_shape(spec: QuantSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Shape of the stored codes of a weight of `shape`: packed as `(rows, ceil(cols / 2))`."""
-    if not is_packed(spec):
-        return tuple(shape)
+def _cols(shape: tuple[int, ...]) -> int:
     cols = 1
     for s in shape[1:]:
         cols *= s
-    return (shape[0], (cols + 1) // 2)
+    return cols
+
+
+def stored_shape(spec: QuantSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of the stored codes of a weight of `shape`: packed rows of
+    `ceil(cols * bits / 8)` bytes at 2..4 bits."""
+    if not is_packed(spec):
+        return tuple(shape)
+    return (shape[0], (_cols(shape) * spec.bits + 7) // 8)
 
 
 def encode(codes: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Integer-valued float codes (the output of `grid.quantize`) -> stored codes."""
     if is_packed(spec):
-        return pack_int4(codes.reshape(codes.shape[0], -1))
+        return pack_bits(codes.reshape(codes.shape[0], -1), spec.bits)
     return codes.to(code_dtype(spec))
+
+
+def unpack_rows(stored: torch.Tensor, spec: QuantSpec, length: int) -> torch.Tensor:
+    """Packed rows (possibly gathered, e.g. embedding rows) -> int16 codes of `length`."""
+    return unpack_bits(stored, length, spec.bits, spec.symmetric)
 
 
 def decode(stored: torch.Tensor, spec: QuantSpec, shape: tuple[int, ...]) -> torch.Tensor:
     """Stored codes -> int16 codes of `shape` (rows of packed codes may be gathered first)."""
     if is_packed(spec):
-        cols = 1
-        for s in shape[1:]:
-            cols *= s
-        return unpack_int4(stored, cols, spec.symmetric).reshape(shape)
+        return unpack_rows(stored, spec, _cols(shape)).reshape(shape)
     return stored.to(torch.int16).reshape(shape)
