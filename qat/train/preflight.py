@@ -24,7 +24,7 @@ from qat.quant.recipe import Recipe
 from qat.train.checkpoint import Checkpoint, check_meta, find_last_checkpoint, objective_of
 from qat.train.model_spec import ModelSpec
 
-COMMANDS = ("train", "ptq", "eval", "export")
+COMMANDS = ("train", "ptq", "sensitivity", "eval", "export")
 OBJECTIVES = ("classification", "causal_lm", "embedding")
 FORMATS = ("qat", "onnx", "gguf")
 GGUF_BUILDERS = ("gpt", "hf_gguf")
@@ -93,6 +93,12 @@ NUMBERS: dict[str, tuple[Any, str]] = {
     "ptq.block_size": _int(1),
     "ptq.act_order": _choice(True, False),
     "ptq.sequential": _choice(True, False),
+    "sensitivity.group_by": _choice("layer", "block"),
+    "sensitivity.measure": _choice("loss", "sqnr"),
+    "sensitivity.batches": _int(1),
+    "sensitivity.calibration_batches": _int(1),
+    "sensitivity.budget_bits_per_weight": _either(_choice(None), _num(0.0, open_lo=True)),
+    "sensitivity.budget_mib": _either(_choice(None), _num(0.0, open_lo=True)),
 }
 
 
@@ -249,8 +255,10 @@ def _train_job(cfg: DictConfig, base: dict[str, Any]) -> Job:
     if command == "ptq" and resume is not None:
         raise ValueError("task=ptq quantizes a float model: drop ckpt_path (init_from=<float "
                          "checkpoint> starts from a trained float model)")
+    if command == "sensitivity":
+        _check_sensitivity(cfg, resume, recipe)
     job = Job(cfg, command, plan=plan, resume=resume, init_from=init_from, **base)
-    if weight_method(job) == "gptq":
+    if weight_method(job) == "gptq" and command != "sensitivity":
         if "ptq" not in cfg:
             raise ValueError("GPTQ needs the ptq config group: add `- ptq: gptq` to the "
                              "config's defaults (configs/train.yaml has it)")
@@ -258,6 +266,34 @@ def _train_job(cfg: DictConfig, base: dict[str, Any]) -> Job:
             raise ValueError(f"recipe={cfg.get('recipe_name')}: GPTQ needs calibration batches: "
                              "set recipe.schedule.calibrate (or ptq.calibration_batches) >= 1")
     return job
+
+
+def _check_sensitivity(cfg: DictConfig, resume: Checkpoint | None, recipe: Recipe) -> None:
+    sens = cfg.get("sensitivity")
+    if sens is None:
+        raise ValueError("task=sensitivity needs the sensitivity config group: add "
+                         "`- sensitivity: default` to the config's defaults")
+    if resume is not None:
+        raise ValueError("task=sensitivity scans a float model: drop ckpt_path (init_from=<float "
+                         "checkpoint> scans a trained float model)")
+    if recipe.is_float():
+        raise ValueError(f"recipe={cfg.get('recipe_name')} quantizes nothing: task=sensitivity "
+                         "varies the weight widths of a quantizing recipe (e.g. recipe=w4g32)")
+    bits = list(sens.get("bits") or [])
+    if not bits or not all(isinstance(b, int) and not isinstance(b, bool) and 2 <= b <= 8
+                           for b in bits) or len(set(bits)) != len(bits):  # fmt: skip
+        raise ValueError(f"sensitivity.bits: got {bits!r}; allowed: distinct integers in "
+                         "[2, 8], e.g. [2, 3, 4, 8]")
+    keys = ("budget_bits_per_weight", "budget_mib", "budget_uniform_bits")
+    budgets = [k for k in keys if sens.get(k) is not None]
+    if len(budgets) != 1:
+        raise ValueError("sensitivity: set exactly one of budget_bits_per_weight (e.g. 4.5), "
+                         "budget_mib, budget_uniform_bits (e.g. 4: the size with every scanned "
+                         f"weight at 4 bits); got {budgets or 'none'}")
+    uniform = sens.get("budget_uniform_bits")
+    if uniform is not None and uniform not in bits:
+        raise ValueError(f"sensitivity.budget_uniform_bits: got {uniform!r}; allowed: one of "
+                         f"sensitivity.bits {bits}")
 
 
 def _eval_job(cfg: DictConfig, base: dict[str, Any]) -> Job:
@@ -310,5 +346,6 @@ def preflight(cfg: DictConfig) -> Job:
         "recipe": recipe,
         "formats": _formats(cfg, model) if command != "eval" else ("qat",),
     }
-    jobs = {"train": _train_job, "ptq": _train_job, "eval": _eval_job, "export": _export_job}
+    jobs = {"train": _train_job, "ptq": _train_job, "sensitivity": _train_job,
+            "eval": _eval_job, "export": _export_job}  # fmt: skip
     return jobs[command](cfg, base)

@@ -1,4 +1,4 @@
-"""The commands `train.py` runs (`task=train|ptq|eval|export`), on a `Job` that preflight checked.
+"""The commands `train.py` runs (`task=train|ptq|sensitivity|eval|export`), on a checked `Job`.
 
     job = preflight(cfg)      # seconds: config, recipe, plan, checkpoint; no data, no Lightning
     results = run(job)        # data, training, evaluation, export
@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import time
 from itertools import islice
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -22,6 +23,10 @@ import qat
 from qat.io import write_json
 from qat.ptq import GPTQConfig, apply_gptq
 from qat.quant.calibrate import calibrate
+from qat.sensitivity import mixed_recipe, scan, write_recipe
+from qat.sensitivity.choice import Choice
+from qat.sensitivity.mixed_recipe import with_weight_bits
+from qat.sensitivity.report import write_plot, write_tables
 from qat.train.artifacts import export_trained, float_model_of, model_from_checkpoint
 from qat.train.callbacks import QATScheduleCallback
 from qat.train.checkpoint import Checkpoint, check_meta, model_state
@@ -35,7 +40,7 @@ from qat.train.console import (
 )
 from qat.train.model_spec import ModelSpec
 from qat.train.module import QATModule
-from qat.train.objectives import model_forward
+from qat.train.objectives import model_forward, objective_loss
 from qat.train.preflight import Job, calibration_count, needs_teacher, preflight, weight_method
 from qat.train.trainer import evaluate, fit, is_rank_zero
 
@@ -173,6 +178,102 @@ def train(job: Job) -> dict[str, Any]:
     return results
 
 
+def _validation_loss(job: Job, batches: list, teacher: torch.nn.Module | None):
+    """Mean objective loss over `batches` (against the float model's outputs when the
+    objective distills)."""
+    m = job.cfg.module
+    targets = None
+    if job.objective == "embedding":
+        with torch.no_grad():
+            targets = [model_forward(job.objective, teacher.eval(), b) for b in batches]
+
+    @torch.no_grad()
+    def loss(model: torch.nn.Module) -> float:
+        total = 0.0
+        for i, b in enumerate(batches):
+            out = model_forward(job.objective, model, b)
+            total += float(objective_loss(job.objective, out, b, targets and targets[i], 0.0,
+                                          1.0, str(m.distill_loss)))  # fmt: skip
+        return total / len(batches)
+
+    return loss
+
+
+def _budget(sens: DictConfig, groups: list) -> float:
+    """The budget in artifact bytes of the scanned weights, from whichever key is set."""
+    if sens.get("budget_uniform_bits") is not None:
+        return float(sum(g.bytes[int(sens.budget_uniform_bits)] for g in groups))
+    if sens.get("budget_mib") is not None:
+        return float(sens.budget_mib) * 2**20
+    return float(sens.budget_bits_per_weight) * sum(g.weights for g in groups) / 8
+
+
+def sensitivity_command(job: Job) -> dict[str, Any]:
+    """`task=sensitivity`: each weight group's loss change at each candidate width, and the
+    mixed-precision recipe under the budget with the least predicted loss."""
+    cfg, sens = job.cfg, job.cfg.sensitivity
+    say(job.plan.summary())
+    dm = build_data(cfg)
+    float_model, float_ckpt, results = train_float(job, dm, job.model.resolved(dm))
+    val = list(islice(dm.val_dataloader(), int(sens.batches)))
+    cal = list(islice(dm.train_dataloader(), int(sens.calibration_batches)))
+    forward = lambda m, b: model_forward(job.objective, m, b)  # noqa: E731
+    base = OmegaConf.to_container(cfg.recipe, resolve=True)  # as the user wrote it
+    models = {}
+    for bits in sorted(sens.bits):
+        try:
+            model = qat.prepare(copy.deepcopy(float_model), with_weight_bits(base, int(bits)))
+        except ValueError as e:
+            raise ValueError(f"sensitivity.bits: {bits}-bit weights do not fit recipe="
+                             f"{cfg.get('recipe_name')}: {e}") from None  # fmt: skip
+        calibrate(model, cal, len(cal), forward=forward)
+        models[int(bits)] = model
+    layers = [lp.name for lp in job.plan.quantized() if lp.specs.get("weight") is not None]
+    show = bool(cfg.trainer.get("enable_progress_bar", True))
+    start = time.perf_counter()
+    with step_bar("sensitivity", show) as advance:
+        loss0, groups = scan(models, layers, _validation_loss(job, val, float_model),
+                             str(sens.group_by), str(sens.measure), advance)  # fmt: skip
+    budget = _budget(sens, groups)
+    try:
+        choice = Choice.under(groups, budget)
+    except ValueError as e:
+        raise ValueError(f"sensitivity: {e}") from None
+    path = Path(sens.out) if sens.out else job.out_dir / "mixed_recipe.yaml"
+    recipe = mixed_recipe(base, choice.layer_bits(), choice.description())
+    header = [
+        "Written by `python train.py task=sensitivity` "
+        f"(recipe={cfg.get('recipe_name')}, model={job.model.builder}, seed={cfg.seed}).",
+        f"Each {sens.group_by}'s weights quantized alone at {sorted(models)} bits "
+        f"({sens.measure} on {len(val)} validation batches; float loss {loss0:.4f}),",
+        f"then a knapsack for the budget {budget / 2**20:.4f} MiB "
+        f"({choice.bits_per_weight(budget):.3f} bits per scanned weight, scales included):",
+        f"chosen {choice.size / 2**20:.4f} MiB ({choice.bits_per_weight():.3f} bits per "
+        f"weight), predicted {sens.measure} change +{choice.predicted:.4g} (summed over groups).",
+    ]
+    files = {"recipe": str(write_recipe(path, recipe, header))}
+    md, csv_path = write_tables(groups, choice.widths, job.out_dir)
+    files.update(table=str(md), csv=str(csv_path))
+    plot = write_plot(groups, choice.widths, job.out_dir / "sensitivity.png",
+                      f"{sens.measure} change")  # fmt: skip
+    if plot is not None:
+        files["plot"] = str(plot)
+    uniform = choice.uniform()
+    say(f"sensitivity: {len(groups)} groups x {len(models)} widths in "
+        f"{time.perf_counter() - start:.1f} s; mixed {choice.bits_per_weight():.3f} bits/weight "
+        f"+{choice.predicted:.4g}; uniform " + ", ".join(
+            f"{b}b {choice.bits_per_weight(n):.3f} +{d:.4g}" for b, (n, d) in uniform.items()))
+    summary = {"float": results, "float_checkpoint": float_ckpt, "float_loss": loss0,
+               "budget_bytes": budget, "size_bytes": choice.size,
+               "predicted_change": choice.predicted, "weights": choice.weights,
+               "chosen": choice.widths, "files": files,
+               "uniform": {str(b): {"size_bytes": n, "predicted_change": d}
+                           for b, (n, d) in uniform.items()}}  # fmt: skip
+    files["summary"] = str(write_json(job.out_dir / "sensitivity.json", summary))
+    print_summary({}, job.objective, files)
+    return summary
+
+
 def evaluate_command(job: Job) -> dict[str, Any]:
     """A checkpoint's fake-quant model (with `eval.without_fake_quant` also its weights with
     fake quant off), or an exported artifact (`artifact=DIR`, the integer model)."""
@@ -228,7 +329,8 @@ def monitored_value(results: dict[str, Any], metric: str) -> float | None:
     return None
 
 
-RUNNERS = {"train": train, "ptq": train, "eval": evaluate_command, "export": export_command}
+RUNNERS = {"train": train, "ptq": train, "sensitivity": sensitivity_command,
+           "eval": evaluate_command, "export": export_command}  # fmt: skip
 
 
 def run(cfg: DictConfig | Job) -> dict[str, Any]:

@@ -9,8 +9,11 @@ bits) and sign-extended on unpacking, unsigned codes as they are.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from qat.quant import grid
 from qat.quant.spec import QuantSpec
 
 
@@ -121,3 +124,19 @@ def decode(stored: torch.Tensor, spec: QuantSpec, shape: tuple[int, ...]) -> tor
     if is_packed(spec):
         return unpack_rows(stored, spec, _cols(shape)).reshape(shape)
     return stored.to(torch.int16).reshape(shape)
+
+
+def weight_bytes(spec: QuantSpec, shape: tuple[int, ...]) -> int:
+    """Bytes an artifact stores for a weight of `shape` under `spec`: its codes, its scales
+    (fp16 or fp32) and, on an asymmetric grid, its uint8 zero points.
+
+    Example:
+        >>> weight_bytes(QuantSpec(bits=4, granularity="per_group", group_size=32,
+        ...                        scale_dtype="fp16"), (8, 64))  # 8*64/2 + 16 scales * 2
+        288
+    """
+    rows, *rest = stored_shape(spec, shape)
+    codes = rows * math.prod(rest)
+    scales = math.prod(grid.param_shape(spec, tuple(shape)))
+    scale_size = 2 if spec.scale_dtype == "fp16" else 4
+    return codes + scales * (scale_size + (0 if spec.symmetric else 1))

@@ -1,0 +1,48 @@
+"""The widths chosen for a scan under a budget, and what they predict beside uniform widths."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qat.sensitivity.knapsack import choose
+from qat.sensitivity.scan import Group
+
+
+@dataclass
+class Choice:
+    """Group -> width under `budget` bytes; `size` bytes, `predicted` the summed change."""
+
+    groups: list[Group]
+    budget: float
+    widths: dict[str, int]
+    size: int
+    predicted: float
+
+    @classmethod
+    def under(cls, groups: list[Group], budget: float) -> Choice:
+        """The least predicted change whose artifact bytes fit `budget` (a knapsack)."""
+        widths = sorted(groups[0].bytes)
+        picks = choose([[(g.bytes[b], g.delta[b]) for b in widths] for g in groups], budget)
+        chosen = {g.name: widths[i] for g, i in zip(groups, picks, strict=True)}
+        size = sum(g.bytes[chosen[g.name]] for g in groups)
+        return cls(groups, budget, chosen, size, sum(g.delta[chosen[g.name]] for g in groups))
+
+    @property
+    def weights(self) -> int:
+        return sum(g.weights for g in self.groups)
+
+    def bits_per_weight(self, size: float | None = None) -> float:
+        return 8 * (self.size if size is None else size) / self.weights
+
+    def layer_bits(self) -> dict[str, int]:
+        return {n: self.widths[g.name] for g in self.groups for n in g.layers}
+
+    def uniform(self) -> dict[int, tuple[int, float]]:
+        """Per width, the size and predicted change of every group at that width."""
+        return {b: (sum(g.bytes[b] for g in self.groups), sum(g.delta[b] for g in self.groups))
+                for b in sorted(self.groups[0].bytes)}  # fmt: skip
+
+    def description(self) -> str:
+        used = "/".join(map(str, sorted(set(self.widths.values()))))
+        return (f"mixed {used}-bit weights from task=sensitivity, "
+                f"{self.bits_per_weight():.3f} bits per weight")  # fmt: skip

@@ -1,0 +1,72 @@
+"""`task=sensitivity` through the real configs on the character-level Shakespeare GPT: the
+scan, the written recipe, and that recipe training and exporting at the size it predicted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from qat.quant.recipe import Recipe
+from qat.train.preflight import preflight
+from qat.train.run import run
+from tests.train.conftest import compose_run_config
+from tests.train.test_ptq import GPT
+
+SCAN = ["task=sensitivity", "sensitivity.bits=[2,4,8]", "sensitivity.batches=2",
+        "sensitivity.calibration_batches=1", "sensitivity.group_by=block"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def scanned(tmp_path_factory, data_dir):
+    """A float GPT, scanned with the budget of every weight at 4 bits."""
+    tmp = tmp_path_factory.mktemp("sens")
+    cfg = compose_run_config(tmp, data_dir, GPT + SCAN + ["sensitivity.budget_uniform_bits=4"])
+    summary = run(cfg)
+    return tmp, data_dir, summary
+
+
+def test_the_mixed_recipe_fits_the_uniform_size_and_predicts_no_more_loss(scanned):
+    _, _, s = scanned
+    four = s["uniform"]["4"]
+    assert s["size_bytes"] <= s["budget_bytes"] == four["size_bytes"]
+    assert s["predicted_change"] <= four["predicted_change"] + 1e-9  # uniform 4 was a choice
+    assert set(s["chosen"]) == {"blocks.0", "blocks.1", "lm_head"}
+    text = Path(s["files"]["recipe"]).read_text()
+    assert text.startswith("# Written by `python train.py task=sensitivity`")
+    recipe = Recipe.from_dict(yaml.safe_load(text))
+    assert recipe.schedule.calibrate == 4  # the base recipe's settings carried over
+    assert Path(s["files"]["table"]).read_text().startswith("| group | layers | weights |")
+    assert json.loads(Path(s["files"]["summary"]).read_text())["chosen"] == s["chosen"]
+
+
+def test_the_written_recipe_trains_and_exports_at_the_predicted_size(scanned):
+    tmp, data_dir, s = scanned
+    cfg = compose_run_config(tmp, data_dir, GPT + [f"recipe={s['files']['recipe']}",
+                                                   f"init_from={s['float_checkpoint']}"],
+                             name="mixed")  # fmt: skip
+    results = run(cfg)
+    artifact = Path(results["artifacts"]["qat"])
+    tensors = load_file(artifact / "weights.safetensors")
+    scanned_bytes = sum(t.numel() * t.element_size() for k, t in tensors.items()
+                        if k.split(".")[-1] in ("weight_codes", "weight_scale",
+                                                "weight_zero_point"))  # fmt: skip
+    assert scanned_bytes == s["size_bytes"]  # the knapsack's sizes are the artifact's bytes
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert manifest["parity"]["batches"] >= 1  # the export's parity gate ran (and passed)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["sensitivity.bits=[4,9]"], r"sensitivity.bits: got \[4, 9\]; allowed: distinct integers"),
+    ([], "set exactly one of budget_bits_per_weight"),
+    (["sensitivity.budget_mib=1", "sensitivity.budget_uniform_bits=4"], "got .*budget_mib"),
+    (["sensitivity.budget_uniform_bits=3"], "budget_uniform_bits: got 3; allowed: one of"),
+    (["sensitivity.budget_mib=1", "recipe=fp32"], "quantizes nothing: task=sensitivity"),
+])  # fmt: skip
+def test_bad_scans_are_refused_before_any_data_loads(tmp_path, data_dir, extra, message):
+    cfg = compose_run_config(tmp_path, data_dir, GPT + SCAN + extra)
+    with pytest.raises(ValueError, match=message):
+        preflight(cfg)
