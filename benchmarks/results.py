@@ -105,6 +105,9 @@ def main() -> None:
                     help="keep the rows of other seeds already in <task>.csv")
     ap.add_argument("--gptq", action="store_true",
                     help="add GPTQ PTQ and GPTQ-initialised QAT rows for every recipe")
+    ap.add_argument("--mixed", type=int, nargs="+", metavar="BITS",
+                    help="add PTQ and QAT rows for the recipe task=sensitivity writes from "
+                         "these candidate widths at the size of the recipe's own width")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = ap.parse_args()
     spec = TASKS[args.task]
@@ -138,6 +141,8 @@ def main() -> None:
                 gq = one_run(base + s + init + [f"recipe={recipe}", "recipe.init=gptq"],
                              root / f"qat_gptq_{recipe}")
                 rows.append(_row(seed, "QAT from GPTQ", recipe, gq["export"], gq, m))
+            if args.mixed:
+                rows += _mixed_rows(base + s + init, recipe, args.mixed, root, seed, m)
             _write_csv(csv_path, rows)
             done = [r for r in rows if r["seed"] == seed and r["recipe"] == recipe]
             print(f"[{args.task}] seed {seed} {recipe}: "
@@ -145,6 +150,22 @@ def main() -> None:
     _write_csv(csv_path, rows)
     (args.out / f"{args.task}.md").write_text(table(rows, m, args.task))
     print(table(rows, m, args.task))
+
+
+def _mixed_rows(base, recipe, widths, root, seed, m) -> list[dict[str, Any]]:
+    """Scan at `widths`, budget = the recipe's weights all at its own width (read from the
+    recipe's first rule), then PTQ and QAT with the mixed recipe the scan wrote."""
+    from qat.quant.recipe import Recipe
+
+    first = Recipe.from_yaml(ROOT / "configs" / "recipe" / f"{recipe}.yaml").rules[0]
+    scan = ["task=sensitivity", f"sensitivity.bits=[{','.join(map(str, widths))}]",
+            f"sensitivity.budget_uniform_bits={first.specs['weight']['bits']}"]
+    sens = one_run(base + [f"recipe={recipe}", *scan], root / f"sens_{recipe}")
+    mixed, label = sens["files"]["recipe"], f"{recipe} mixed {'/'.join(map(str, widths))}"
+    ptq = one_run(base + [f"recipe={mixed}", "trainer.max_steps=0"], root / f"ptq_mixed_{recipe}")
+    q = one_run(base + [f"recipe={mixed}"], root / f"qat_mixed_{recipe}")
+    return [_row(seed, "PTQ", label, ptq["export"], ptq, m),
+            _row(seed, "QAT", label, q["export"], q, m)]
 
 
 def _row(seed, method, recipe, metrics, res, m) -> dict[str, Any]:
