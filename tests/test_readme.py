@@ -160,6 +160,9 @@ def _check_console(args: list[str], text: str) -> None:
     if "task=ptq" in args:  # no training: the quantized model is reported as "ptq"
         assert text.count("ptq: val") == 1 and "qat: val" not in text, (args, text[-3000:])
         assert "GPTQ: " in text if "ptq=gptq" in args else "GPTQ" not in text
+    elif "task=sensitivity" in args:  # a scan and a written recipe, no training
+        assert text.count("sensitivity: ") == 1 and "mixed_recipe.yaml" in text, text[-3000:]
+        return
     elif "task=eval" not in args and "task=export" not in args:
         assert text.count("qat: val") == jobs, (args, text[-3000:])
         assert ("GPTQ: " in text) == ("recipe.init=gptq" in args), (args, text[-3000:])
