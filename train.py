@@ -15,14 +15,17 @@ from __future__ import annotations
 import logging
 import os
 
-import hydra
-from omegaconf import DictConfig
-
-from qat.train.errors import EXPECTED, RunError, one_line
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# tqdm reads this when first imported (torch imports it): transformers' bars loading a GGUF
+# stay off. qat's own bars are rich's.
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from qat.train.errors import EXPECTED, RunError, one_line  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")

@@ -42,3 +42,21 @@ def test_distilled_llama_on_gguf_tokens_exports_a_gguf_with_its_tokenizer(make_c
         assert tok.decode(tok.encode(text)) == text
     finally:
         tok.close()
+
+
+def test_loading_the_real_gguf_prints_no_library_progress_bars():
+    """train.py on the shipped SmolLM2 GGUF: transformers' tqdm bars (dequantizing the GGUF,
+    loading weights) stay off; the run's one line is the error it was asked to hit."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, str(root / "train.py"), "experiment=smollm2_q4_0",
+                           "ckpt_path=/no/such.ckpt"], capture_output=True, text=True,
+                          timeout=300, cwd=root, env=env)  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "ckpt_path=/no/such.ckpt does not exist" in out
+    for bar in ("Converting and de-quantizing", "Loading weights", "it/s]"):
+        assert bar not in out, out[-2000:]
