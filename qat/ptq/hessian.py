@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 
 class Hessian:
@@ -25,6 +26,16 @@ class Hessian:
         rows = rows.float()
         self.xtx.addmm_(rows.T, rows)
         self.n += rows.shape[0]
+
+    def reduce(self) -> None:
+        """Under torch.distributed, sum every rank's rows (each rank calibrates on its own
+        batches, as the activation observers do), so all ranks choose the same codes."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return
+        n = torch.tensor([float(self.n)])
+        dist.all_reduce(self.xtx)
+        dist.all_reduce(n)
+        self.n = int(n.item())
 
     def matrix(self) -> torch.Tensor:
         if self.n == 0:

@@ -132,3 +132,35 @@ def test_lower_layer_error_than_round_to_nearest_on_real_weights(spec, minilm_ff
     rs, rz = weight_qparams(w, spec)
     rtn = layer_error(w, grid.dequantize(grid.quantize(w, rs, rz, spec), rs, rz, spec), held)
     assert gptq < 0.8 * rtn, (gptq, rtn)
+
+
+def _reduce_on_rank(rank: int, port: int, out) -> None:
+    import torch.distributed as dist
+
+    from qat.ptq.hessian import Hessian
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)  # fmt: skip
+    h = Hessian(3)
+    h.add(torch.arange(6.0).reshape(2, 3) * (rank + 1))  # each rank its own rows
+    h.reduce()
+    out[rank] = h.matrix()
+    dist.destroy_process_group()
+
+
+def test_ranks_sum_their_rows_into_one_hessian():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from qat.ptq.hessian import Hessian
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_reduce_on_rank, args=(port, out), nprocs=2)
+    whole = Hessian(3)
+    for r in (0, 1):
+        whole.add(torch.arange(6.0).reshape(2, 3) * (r + 1))
+    assert torch.equal(out[0], whole.matrix()) and torch.equal(out[1], whole.matrix())
