@@ -10,7 +10,15 @@ from qat.sensitivity.scan import Group
 
 @dataclass
 class Choice:
-    """Group -> width under `budget` bytes; `size` bytes, `predicted` the summed change."""
+    """Group -> width under `budget` bytes; `size` bytes, `predicted` the summed change.
+
+    Example:
+        >>> a = Group("a", ["a"], 64, bytes={4: 32, 8: 64}, delta={4: 0.5, 8: 0.0})
+        >>> b = Group("b", ["b"], 64, bytes={4: 32, 8: 64}, delta={4: 0.1, 8: 0.0})
+        >>> c = Choice.under([a, b], budget=96)
+        >>> c.widths, c.bits_per_weight(), c.uniform()[4]
+        ({'a': 8, 'b': 4}, 6.0, (64, 0.6))
+    """
 
     groups: list[Group]
     budget: float

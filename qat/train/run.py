@@ -244,7 +244,7 @@ def sensitivity_command(job: Job) -> dict[str, Any]:
     header = [
         "Written by `python train.py task=sensitivity` "
         f"(recipe={cfg.get('recipe_name')}, model={job.model.builder}, seed={cfg.seed}).",
-        f"Each {sens.group_by}'s weights quantized alone at {sorted(models)} bits "
+        f"Each {sens.group_by}'s weights quantized alone at {sorted(models)} bits, the rest float "
         f"({sens.measure} on {len(val)} validation batches; float loss {loss0:.4f}),",
         f"then a knapsack for the budget {budget / 2**20:.4f} MiB "
         f"({choice.bits_per_weight(budget):.3f} bits per scanned weight, scales included):",
