@@ -160,7 +160,7 @@ def main() -> None:
         name = f"qat PTQ {recipe.upper()}"
         files[name], ptq_s[name] = qat_ptq(recipe, calib, work / f"qat_{recipe}.gguf", source)
     for item in args.gguf:
-        name, _, file = item.partition("=")
+        name, _, file = item.rpartition("=")  # a name may hold "=" (ptq=gptq); a path rarely
         if not Path(file).is_file():
             raise SystemExit(f"--gguf {item}: no such file {file}")
         files[name] = Path(file)
