@@ -86,7 +86,7 @@ def _same(a: Any, b: Any) -> bool:
     return a is b or (type(a) is type(b) and a == b)
 
 
-def _chained(model: nn.Module, blocks: nn.ModuleList, run: Callable[[], Any]) -> bool:
+def _chained(blocks: nn.ModuleList, run: Callable[[], Any]) -> bool:
     """Whether one forward (`run`) calls the blocks as a chain (see the module docstring)."""
     calls: list[tuple[int, Call, Any]] = []
     handles = [
@@ -121,7 +121,7 @@ def block_plan(
         return None
     prefix, blocks = found
     split = _split(stages, prefix, len(blocks))
-    if split is None or not _chained(model, blocks, run):
+    if split is None or not _chained(blocks, run):
         return None
     return BlockPlan(list(blocks), *split)
 
