@@ -76,7 +76,7 @@ class _ConvBnMixin:
         return self.folded_bias()
 
     def folded_weight(self) -> torch.Tensor:
-        return self.weight * _per_out(bn_scale(self.bn), self.weight.ndim, 0)
+        return self.float_weight() * _per_out(bn_scale(self.bn), self.weight.ndim, 0)
 
     def quantized_weight(self) -> torch.Tensor:
         return self._qweight(self.folded_weight())
@@ -88,7 +88,8 @@ class _ConvBnMixin:
         x = self._qin(x)
         bn = self.bn
         scale = _per_out(bn_scale(bn), self.weight.ndim, 0)
-        wq = self._qweight(self.weight * scale)  # quantized_weight(), with `scale` kept
+        w = self.float_weight()
+        wq = self._qweight(w * scale)  # quantized_weight(), with `scale` kept
         if not self.training or bool(self.bn_frozen):
             # Running statistics (BN frozen, or eval): exactly the exported layer. The same
             # function as scaling back and calling BN in eval mode, with fewer passes.

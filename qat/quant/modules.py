@@ -12,6 +12,7 @@ from torch import nn
 
 from qat.quant import grid
 from qat.quant.fake_quant import FakeQuantizer
+from qat.quant.lora import LoRA
 from qat.quant.spec import QuantSpec
 
 
@@ -21,6 +22,7 @@ class QATMixin:
     weight_quant: FakeQuantizer | None
     input_quant: FakeQuantizer | None
     output_quant: FakeQuantizer | None
+    lora: LoRA | None  # adapters merged into the weight before quantization (`attach_lora`)
     qat_name: str  # the layer's module path, for error messages
     FLOAT_TYPE: type[nn.Module]
     # Input granularities the integer layer can factor out of its dot products.
@@ -53,6 +55,7 @@ class QATMixin:
 
     def _init_quantizers(self, weight, input, output, name):  # noqa: A002
         self.qat_name = name
+        self.lora = None
         w_shape = tuple(self.weight.shape)
         self.weight_quant = self._make(weight, "weight", w_shape, f"{name}.weight_quant")
         self.input_quant = self._make(input, "input", None, f"{name}.input_quant")
@@ -62,9 +65,18 @@ class QATMixin:
     def _make(spec, role, shape, name):
         return None if spec is None else FakeQuantizer(spec, role=role, shape=shape, name=name)
 
+    def float_weight(self) -> torch.Tensor:
+        """The weight before quantization: the parameter, with the LoRA update merged in."""
+        return self.weight if self.lora is None else self.lora.merge(self.weight)
+
+    def lora_shape(self) -> tuple[int, int]:
+        """`(rows, cols)` of the weight as a LoRA update sees it (output dim first)."""
+        return self.weight.shape[0], self.weight[0].numel()
+
     def export_weight(self) -> torch.Tensor:
-        """The float weight `convert` quantizes into integer codes (folded BN included)."""
-        return self.weight
+        """The float weight `convert` quantizes into integer codes (LoRA merged, folded BN
+        included)."""
+        return self.float_weight()
 
     def export_bias(self) -> torch.Tensor | None:
         """The float bias the integer layer adds (folded BN included), or None."""
@@ -72,7 +84,7 @@ class QATMixin:
 
     def quantized_weight(self) -> torch.Tensor:
         """The weight the forward pass uses (fake-quantized when a weight spec is set)."""
-        return self._qweight(self.weight)
+        return self._qweight(self.float_weight())
 
     def _qweight(self, w: torch.Tensor) -> torch.Tensor:
         return w if self.weight_quant is None else self.weight_quant(w)
@@ -104,6 +116,8 @@ class QATMixin:
 
     def to_float(self) -> nn.Module:
         """The float layer again, sharing parameters (quantizers dropped)."""
+        if self.lora is not None:
+            raise ValueError(f"{self.qat_name}: has LoRA adapters; `convert` merges them")
         new = self.FLOAT_TYPE.__new__(self.FLOAT_TYPE)
         new.__dict__ = dict(self.__dict__)
         new._modules = {

@@ -11,6 +11,7 @@ from torch import nn
 
 from qat.quant.bn_fold import BN_TYPES
 from qat.quant.family import Families
+from qat.quant.modules import QATMixin
 from qat.quant.observers import MSE_CANDIDATES, MSE_MAX_SAMPLES
 from qat.quant.recipe import Recipe, _name_matches, as_recipe
 from qat.quant.spec import ROLES, QuantSpec, check_integer_layout, check_keys_apply
@@ -41,6 +42,7 @@ class Plan:
     bn_pairs: dict[str, str] = field(default_factory=dict)  # conv name -> bn name
     # Modules holding a matrix or kernel that no fake-quant class covers: they stay float.
     unquantizable: dict[str, str] = field(default_factory=dict)  # name -> type
+    lora_targets: list[str] = field(default_factory=list)  # layers that get LoRA adapters
 
     def quantized(self) -> list[LayerPlan]:
         return [lp for lp in self.layers if lp.quantized]
@@ -91,6 +93,10 @@ class Plan:
         if self.bn_pairs:
             head += f" ({len(self.bn_pairs)} BatchNorm {self.recipe.bn})"
         rows = [f"  {n:>4} x {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1])]
+        if self.lora_targets:
+            lo = self.recipe.lora
+            rows.append(f"lora: r {lo.r}, alpha {lo.lora_alpha:g} on {len(self.lora_targets)} "
+                        "layers; every other weight is frozen")  # fmt: skip
         return "\n".join([head, *rows, *self.notes()])
 
     def __str__(self) -> str:
@@ -267,7 +273,41 @@ def plan(
         if lp.quantized and name in pairs:
             lp.bn = pairs[name]
         layers.append(lp)
-    result = Plan(recipe, layers, {lp.name: lp.bn for lp in layers if lp.bn}, unquantizable)
+    result = Plan(recipe, layers, {lp.name: lp.bn for lp in layers if lp.bn}, unquantizable,
+                  _lora_targets(model, recipe, layers, families))  # fmt: skip
     if verbose:
         print(result)
     return result
+
+
+def _lora_targets(model: nn.Module, recipe: Recipe, layers: list[LayerPlan],
+                  families: Families) -> list[str]:  # fmt: skip
+    """The quantized layers `recipe.lora` names (peft's matching); errors for targets that
+    cannot hold an adapter merged before a weight quantizer."""
+    spec = recipe.lora
+    if spec is None:
+        return []
+    quantized = [lp.name for lp in layers if lp.quantized]
+    names = spec.targets(quantized)
+    stray = [n for n in spec.targets([n for n, _ in model.named_modules() if n])
+             if n not in names]  # fmt: skip
+    if stray:
+        raise ValueError(f"lora.target_modules matches {', '.join(stray[:3])}, which the recipe "
+                         "does not quantize; add a rule for it or list it in exclude_modules")
+    if not names:
+        raise ValueError(f"lora.target_modules {spec.target_modules!r} matches none of the "
+                         f"{len(quantized)} quantized modules ({', '.join(quantized[:4])} ...)")
+    owners: dict[int, list[str]] = {}
+    for n, m in model.named_modules():
+        if isinstance(m._parameters.get("weight"), torch.Tensor):
+            owners.setdefault(id(m.weight), []).append(n)
+    for n in names:
+        mod = model.get_submodule(n)
+        if not issubclass(families.qat_class_for(mod), QATMixin):
+            raise ValueError(f"lora: {n} ({type(mod).__name__}) cannot take adapters; target "
+                             "its Linear parts or list it in exclude_modules")  # fmt: skip
+        tied = [o for o in owners.get(id(mod.weight), []) if o != n]
+        if tied:
+            raise ValueError(f"lora: {n} shares its weight with {', '.join(tied)}; one merged "
+                             "update cannot serve both; list it in exclude_modules")
+    return names

@@ -7,7 +7,9 @@ import warnings
 from torch import nn
 
 from qat.quant.bn_fold import merge_bn
+from qat.quant.fake_quant import FakeQuantizer
 from qat.quant.family import Families
+from qat.quant.lora import LoRA, LoraSpec
 from qat.quant.modules import QATMixin
 from qat.quant.plan import Plan, plan
 from qat.quant.provenance import provenance, record
@@ -66,5 +68,22 @@ def prepare(model: nn.Module, recipe: Recipe | dict | str, families: Families) -
             new = cls.from_float(mod, **specs, name=lp.name)
         new.train(mod.training)
         _set(model, lp.name, new)
+    if result.recipe.lora is not None:
+        attach_lora(model, result.recipe.lora, result.lora_targets)
     record(model, recipe=result.recipe, plan=result, families=families)
     return model
+
+
+def attach_lora(model: nn.Module, spec: LoraSpec, names: list[str]) -> None:
+    """Give each prepared layer in `names` (`Plan.lora_targets`) a `LoRA`, then freeze
+    everything but the adapters and the learned quantizer parameters."""
+    for n in names:
+        mod = model.get_submodule(n)
+        rows, cols = mod.lora_shape()
+        mod.lora = LoRA(rows, cols, spec.r, spec.scaling, spec.lora_dropout,
+                        dtype=mod.weight.dtype, device=mod.weight.device)  # fmt: skip
+        mod.lora.train(mod.training)
+    model.requires_grad_(False)
+    for m in model.modules():
+        if isinstance(m, (LoRA, FakeQuantizer)):
+            m.requires_grad_(True)

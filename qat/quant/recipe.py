@@ -12,11 +12,12 @@ from typing import Any
 import yaml
 from torch import nn
 
+from qat.quant.lora import LoraSpec
 from qat.quant.spec import ROLES, QuantSpec, check_field, check_role_fields
 
 BN_MODES = ("fold", "merge", "keep")
 SCHEDULE_KEYS = ("calibrate", "freeze_observers", "freeze_bn")
-RECIPE_KEYS = ("rules", "ignore", "bn", "schedule", "init", "description")
+RECIPE_KEYS = ("rules", "ignore", "bn", "schedule", "init", "lora", "description")
 # Where the weights start from: round-to-nearest codes of the float weights, or GPTQ's.
 INIT_MODES = ("rtn", "gptq")
 RULE_KEYS = ("match", "weight", "input", "output", "optional")
@@ -170,6 +171,7 @@ class Recipe:
     schedule: Schedule = Schedule()
     description: str = ""
     init: str = "rtn"
+    lora: LoraSpec | None = None  # train low-rank adapters on a frozen model (`qat.quant.lora`)
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -196,7 +198,8 @@ class Recipe:
         init = d.get("init", "rtn")
         if init not in INIT_MODES:
             raise _fail("init", init, ", ".join(INIT_MODES))
-        return cls(rules, tuple(ignore), bn, schedule, desc, init, raw=d)
+        lora = None if d.get("lora") is None else LoraSpec.parse(d["lora"])
+        return cls(rules, tuple(ignore), bn, schedule, desc, init, lora, raw=d)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Recipe:

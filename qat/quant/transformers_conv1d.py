@@ -46,11 +46,16 @@ class QATConv1D(QATMixin, Conv1D):
         shape = (self.out_features, self.in_features)
         self.weight_quant = self._make(weight, "weight", shape, f"{name}.weight_quant")
 
-    def quantized_weight(self) -> torch.Tensor:
-        return self._qweight(self.weight.t())  # (out, in)
+    def float_weight(self) -> torch.Tensor:
+        """The `(out, in)` view (LoRA merged): the weight as the quantizer sees it."""
+        w = self.weight.t()
+        return w if self.lora is None else self.lora.merge(w)
 
-    def export_weight(self) -> torch.Tensor:
-        return self.weight.t()
+    def lora_shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self._qweight(self.float_weight())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._qout(F.linear(self._qin(x), self.quantized_weight(), self._qbias(self.bias)))

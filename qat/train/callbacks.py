@@ -1,4 +1,5 @@
-"""The QAT schedule as a Lightning callback, and the stream-position hook for resume."""
+"""The QAT schedule as a Lightning callback, the final-step checkpoint, and the
+stream-position hook for resume."""
 
 from __future__ import annotations
 
@@ -8,6 +9,21 @@ import lightning as L
 
 from qat.quant import quantizers
 from qat.quant.calibrate import apply_schedule
+
+
+class FinalCheckpoint(L.Callback):
+    """Writes `last.ckpt` at the final step when the step-based `ModelCheckpoint` did not
+    (max_steps not a multiple of `every_n_train_steps`): otherwise it would hold an earlier
+    step than the model the run evaluates, exports, resumes or distils from. Runs on every
+    rank, inside the training processes, as Lightning's own saves do."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        cb = trainer.checkpoint_callback
+        if cb is None or not cb.save_last or cb.dirpath is None or trainer.global_step == 0:
+            return
+        if getattr(cb, "_last_global_step_saved", None) == trainer.global_step:
+            return
+        trainer.save_checkpoint(f"{cb.dirpath}/{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}")
 
 
 class QATScheduleCallback(L.Callback):

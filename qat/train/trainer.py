@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig
 
 from qat.io import WriteError, atomic_write
+from qat.train.callbacks import FinalCheckpoint
 from qat.train.checkpoint import Checkpoint, load_checkpoint
 from qat.train.console import StepProgressBar
 from qat.train.data import set_stream_position, stream_loader
@@ -149,7 +150,7 @@ def fit(
     trainer = make_trainer(cfg, out_dir, stage, max_steps)
     if max_steps == 0 and resume is None:
         return trainer
-    trainer.callbacks.extend(extra_callbacks)
+    trainer.callbacks.extend([*extra_callbacks, FinalCheckpoint()])
     loader = stream_loader(dm, int(cfg.seed))
     if resume is not None:
         accumulate = int(cfg.trainer.get("accumulate_grad_batches") or 1)
