@@ -59,6 +59,11 @@ class QATMultiheadAttention(nn.Module):
     def weight_shapes(mod: nn.MultiheadAttention) -> list[tuple[int, ...]]:
         return [tuple(mod.in_proj_weight.shape), tuple(mod.out_proj.weight.shape)]
 
+    @staticmethod
+    def activation_widths(mod: nn.MultiheadAttention) -> dict[str, int | None]:
+        same = mod.kdim == mod.vdim == mod.embed_dim  # query, key and value share a quantizer
+        return {"input": mod.embed_dim if same else None, "output": mod.embed_dim}
+
     @classmethod
     def from_float(
         cls,

@@ -34,6 +34,12 @@ class QATMixin:
         """Shapes of the float module's weights this class quantizes (checked at `plan`)."""
         return [tuple(mod.weight.shape)]
 
+    @staticmethod
+    def activation_widths(mod: nn.Module) -> dict[str, int | None]:
+        """Last-dim sizes of the float module's input and output where they are fixed (None:
+        they vary); per-group activations group along it (checked at `plan`)."""
+        return {"input": None, "output": None}
+
     @classmethod
     def from_float(
         cls,
@@ -142,6 +148,10 @@ class QATLinear(QATMixin, nn.Linear):
     # A scale per row of the matmul, or per row and group of `group_size` columns.
     INTEGER_INPUTS = ("per_tensor", "per_token", "per_group")
 
+    @staticmethod
+    def activation_widths(mod: nn.Linear) -> dict[str, int | None]:
+        return {"input": mod.in_features, "output": mod.out_features}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._qout(F.linear(self._qin(x), self.quantized_weight(), self._qbias(self.bias)))
 
@@ -196,6 +206,10 @@ class QATEmbedding(QATMixin, nn.Embedding):
     """`nn.Embedding` with a fake-quantized table (per row or per group); indices stay integer."""
 
     FLOAT_TYPE = nn.Embedding
+
+    @staticmethod
+    def activation_widths(mod: nn.Embedding) -> dict[str, int | None]:
+        return {"input": None, "output": mod.embedding_dim}
 
     def _init_quantizers(self, weight, input, output, name):  # noqa: A002
         if input is not None:

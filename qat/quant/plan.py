@@ -190,7 +190,7 @@ def find_conv_bn_pairs(model: nn.Module, families: Families) -> dict[str, str]:
     return pairs
 
 
-def _resolve(rules_hit, role: str, name: str, mod: nn.Module, shapes: list) -> QuantSpec | None:
+def _resolve(rules_hit, role: str, name: str, mod: nn.Module, qat_cls) -> QuantSpec | None:
     merged: dict | None = None
     contributors: list[int] = []
     for rule in rules_hit:
@@ -208,8 +208,10 @@ def _resolve(rules_hit, role: str, name: str, mod: nn.Module, shapes: list) -> Q
         spec = QuantSpec.from_dict(merged, path=path).check_role(role)
         check_keys_apply(merged, path)
         if role == "weight":
-            for shape in shapes:
+            for shape in qat_cls.weight_shapes(mod):
                 spec.check_shape(shape)
+        else:
+            spec.check_width(qat_cls.activation_widths(mod)[role])
     except ValueError as e:
         raise ValueError(f"{e} (module {name!r}, {type(mod).__name__})") from None
     return spec
@@ -263,7 +265,7 @@ def plan(
         shapes = qat_cls.weight_shapes(mod)
         for role in ROLES:
             skip = lp.ignored or (role == "input" and isinstance(mod, nn.Embedding))
-            lp.specs[role] = None if skip else _resolve(hits[name], role, name, mod, shapes)
+            lp.specs[role] = None if skip else _resolve(hits[name], role, name, mod, qat_cls)
         try:
             check_integer_layout(lp.specs["weight"], lp.specs["input"], len(shapes[0]),
                                  qat_cls.INTEGER_INPUTS, type(mod).__name__,

@@ -242,6 +242,18 @@ class QuantSpec:
                     f"a divisor of the input size {cols} of a weight of shape {tuple(shape)}",
                 )
 
+    def check_width(self, width: int | None) -> None:
+        """Raise `ValueError` if per-group activation groups cannot tile a last dim of `width`
+        (None where it varies, as a convolution's image width does)."""
+        if self.granularity != "per_group":
+            return
+        if width is None:
+            raise _fail(f"{self.path}.granularity", "per_group", "per_tensor or per_token for "
+                        "a layer whose activations' last dim varies (groups run along it)")
+        if width % self.group_size:
+            raise _fail(f"{self.path}.group_size", self.group_size,
+                        f"a divisor of the activation's last dim {width}")
+
     def describe(self) -> str:
         """Short human form, e.g. `w4 per_group(32) sym lsq`."""
         g = self.granularity

@@ -33,6 +33,10 @@ class QATConv1D(QATMixin, Conv1D):
     def weight_shapes(mod: Conv1D) -> list[tuple[int, ...]]:
         return [(mod.weight.shape[1], mod.weight.shape[0])]  # the (out, in) view quantized
 
+    @staticmethod
+    def activation_widths(mod: Conv1D) -> dict[str, int | None]:
+        return {"input": mod.weight.shape[0], "output": mod.weight.shape[1]}
+
     @property
     def in_features(self) -> int:
         return self.weight.shape[0]

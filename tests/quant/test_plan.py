@@ -37,3 +37,21 @@ def test_a_rule_that_matches_only_float_modules_says_so():
                        r"\(names=\[\], types=\['Bilinear'\]\); it matches 1 module\(s\) "
                        r"no fake-quant class covers \(1: Bilinear\)"):
         qat.plan(m, {"rules": [{"match": {"types": ["Bilinear"]}, "weight": {"bits": 8}}]})
+
+
+@pytest.mark.parametrize("model,role,size,message", [
+    (nn.Linear(64, 32), "input", 5, r"rules\[0\]\.input\.group_size: got 5; .*last dim 64"),
+    (nn.Linear(64, 32), "output", 64, r"rules\[0\]\.output\.group_size: got 64; .*last dim 32"),
+    (nn.Conv2d(3, 4, 3), "input", 4, r"rules\[0\]\.input\.granularity: got 'per_group'; .*varies"),
+])  # fmt: skip
+def test_per_group_activations_that_cannot_tile_the_last_dim_are_refused_at_plan(
+    model, role, size, message
+):
+    """Found by the schema property: these passed `plan`, then failed in the first forward."""
+    spec = {"dynamic": True, "granularity": "per_group", "group_size": size}
+    recipe = {"rules": [{"match": {"types": [type(model).__name__]}, role: spec}]}
+    with pytest.raises(ValueError, match=message):
+        qat.plan(nn.Sequential(model), recipe)
+    spec["group_size"] = 16
+    if isinstance(model, nn.Linear):
+        qat.plan(nn.Sequential(model), recipe)  # a divisor plans

@@ -46,7 +46,7 @@ def _part_ok(role: str, part: dict[str, Any]) -> bool:
     g = part.get("granularity")
     if role == "weight":
         return g != "per_token" and part.get("learn") != "pact" and part.get("dynamic") is not True
-    return g not in ("per_channel", "per_group")
+    return g != "per_channel"
 
 
 def _merged_ok(role: str, spec: dict[str, Any]) -> bool:
@@ -72,7 +72,11 @@ def _merged_ok(role: str, spec: dict[str, Any]) -> bool:
         return False
     if role == "weight" and g == "per_channel" and not -2 <= spec.get("axis", 0) < 2:
         return False
-    return not (role == "weight" and g == "per_group" and IN_FEATURES % spec["group_size"])
+    if role != "weight" and g == "per_group" and not dynamic:  # scaled per call, per group
+        return False
+    # groups tile the weight's columns, or the activation's last dim (in, or out for outputs)
+    width = OUT_FEATURES if role == "output" else IN_FEATURES
+    return not (g == "per_group" and width % spec["group_size"])
 
 
 def _expected(rules: list[tuple[str, dict[str, Any]]]) -> bool:
