@@ -146,7 +146,9 @@ def dynamic_quantize(
     amax = v.abs().amax(-1)
     s, z = _llama_cpp_scale(amax, spec)
     amax = amax[..., None]
-    inv = torch.where(amax > 0, spec.qmax / amax, torch.zeros_like(amax))
+    # a tensor divided by a tensor: torch takes `scalar / tensor` as `scalar * (1 / tensor)`,
+    # an ulp off llama.cpp's fp32 division for a quarter of all amax values
+    inv = torch.where(amax > 0, torch.full_like(amax, spec.qmax) / amax, torch.zeros_like(amax))
     q = torch.round(v * inv).clamp_(spec.qmin, spec.qmax)
     return from_view(q, spec, x.shape), s, z
 
