@@ -14,6 +14,7 @@ import qat
 from qat.export import export_model, read_manifest
 from qat.models.registry import build_model
 from qat.train.checkpoint import model_state
+from qat.train.console import say
 from qat.train.objectives import model_forward
 from qat.train.preflight import Job
 
@@ -83,7 +84,16 @@ def _gate_gguf(int_model: torch.nn.Module, path: Any, batches: list, objective: 
     def forward(m: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return model_forward(objective, m, {"x": ids})
 
-    return gate_gguf(int_model, path, [b["x"] for b in batches], forward)
+    result = gate_gguf(int_model, path, [b["x"] for b in batches], forward)
+    free = f"rel {result['rel']:.1e}, top-1 {result['top1']:.4f}"
+    if result["exact"]:
+        tied = result["aligned"]
+        say(f"GGUF gate (llama.cpp): rel {tied['rel']:.1e}, top-1 {tied['top1']:.4f} with "
+            f"{result['aligned_codes']} rounding ties decided as llama.cpp did; free-running "
+            f"{free}")  # fmt: skip
+    else:
+        say(f"GGUF gate (llama.cpp, which rounds float activations to 8 bits): {free}")
+    return result
 
 
 def _as_inputs(objective: str, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
