@@ -68,7 +68,8 @@ def test_gguf_weights_equal_the_fake_quant_weights_bit_for_bit(tmp_path, recipe,
     assert int(fields["llama.block_count"].parts[-1][0]) == 2
     toks = fields["tokenizer.ggml.tokens"]
     assert bytes(toks.parts[toks.data[5]]).decode() == vocab[5]
-    assert bytes(toks.parts[toks.data[1]]).decode() == "\u2581"  # space, SentencePiece style
+    assert bytes(toks.parts[toks.data[1]]).decode() == " "  # literal, for llama.cpp's rwkv matcher
+    assert bytes(fields["tokenizer.ggml.model"].parts[-1]).decode() == "rwkv"
 
 
 def test_q4_0_nibble_order_matches_llama_cpp():

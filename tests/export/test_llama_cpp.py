@@ -132,6 +132,21 @@ def test_gpt_gguf_generates_text_without_a_stray_space_or_end_token(tmp_path):
     assert len(texts) == 2 and all(len(t) > 0 and set(t) <= set(vocab) for t in texts)
 
 
+def test_gpt_gguf_takes_text_outside_its_vocabulary_as_unknown_tokens(tmp_path):
+    """A character the vocabulary lacks (once an abort in llama.cpp's SentencePiece byte
+    fallback) is the unknown token, one per byte; a backslash round-trips."""
+    model, _ = trained("gpt", recipe("w4g32"))
+    vocab = ["<unk>"] + [chr(c) for c in range(32, 32 + 66)]  # '\\' is chr(92)
+    path = write_gguf(qat.convert(model), tmp_path / "gpt.gguf", vocab=vocab)
+    with _llama(path) as llm:
+        ids = llm.tokenize("A~\\é B".encode(), add_bos=False)
+        assert ids == [vocab.index("A"), 0, vocab.index("\\"), 0, 0, vocab.index(" "),
+                       vocab.index("B")]  # fmt: skip
+        assert llm.detokenize(ids[2:3]) == b"\\"
+        out = llm("A~é", max_tokens=4, temperature=0.0)["choices"][0]
+    assert out["finish_reason"] == "length" and set(out["text"]) <= set(vocab)
+
+
 def test_a_pretrained_tokenizer_is_carried_over_from_its_gguf(tmp_path):
     """A model with SmolLM2's vocabulary, written with `tokenizer_from` its GGUF: llama.cpp
     tokenizes like the source file, special tokens included."""
