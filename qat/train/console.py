@@ -103,7 +103,7 @@ def calibration_batches(batches: Iterable[Any], total: int, show: bool) -> Itera
             if used == 1 and show and first * total > 30:
                 bar.console.print(f"calibration: {first:.1f} s per batch, about "
                                   f"{first * total / 60:.1f} min for {total} batches "
-                                  "(see the plan's cost note)", highlight=False)
+                                  "(see the plan's cost note)", highlight=False, soft_wrap=True)
     if show:
         say(f"calibrated on {used} batches in {time.perf_counter() - start:.1f} s")
 

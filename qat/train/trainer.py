@@ -163,4 +163,7 @@ def fit(
         ckpt_path=str(resume.path) if resume is not None else None,
         weights_only=True,
     )
+    # The checkpoints hold the optimizer; evaluation and export need the model alone, and
+    # AdamW's state (twice the trainable weights) would otherwise live on through export.
+    trainer.strategy.optimizers, trainer.strategy.lr_scheduler_configs = [], []
     return trainer

@@ -143,3 +143,24 @@ def test_reference_must_be_the_converted_model():
     model, batches = trained("cnn", recipe("w8"))
     with pytest.raises(ValueError, match="reference model has no module 'conv1'"):
         parity_report(nn.Identity(), convert(model), batches)
+
+
+def test_the_live_comparison_drops_each_reference_and_refuses_unequal_call_counts():
+    """Each reference output is freed once compared (the gate then holds one layer's output at
+    a time); a layer that ran more often on one side is an error naming both counts."""
+    from qat.export.parity.compare import LayerComparison, live
+    from qat.export.parity.report import TensorParity
+
+    model = nn.Sequential(nn.Linear(2, 2))
+    refs = {"0": [torch.zeros(1, 2), torch.zeros(1, 2)]}
+    report = ParityReport(TensorParity("output"), [TensorParity("0")])
+    with live(model, ["0"], LayerComparison(report, refs)):
+        model(torch.zeros(1, 2))
+        model(torch.zeros(1, 2))
+    assert refs["0"] == [None, None] and report.layers[0].calls == 2
+    refs = {"0": [torch.zeros(1, 2)]}
+    with pytest.raises(ParityError, match=r"0 ran 1 time\(s\) in the reference but 2 in the "
+                       r"integer model on the same batch"):  # fmt: skip
+        with live(model, ["0"], LayerComparison(report, refs)):
+            model(torch.zeros(1, 2))
+            model(torch.zeros(1, 2))

@@ -44,6 +44,7 @@ class Aligner:
             return x
         self.cursor[key] = i + 1
         ref = queue[i].to(x.dtype)
+        queue[i] = None  # each record serves one call: free it
         spec = getattr(layer, f"{role}_spec")
         s_ref, _ = layer.act_qparams(role, ref)
         dist = grid.from_view(grid.to_view((x - ref).abs(), spec) / s_ref[..., None], spec,

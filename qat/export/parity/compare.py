@@ -4,6 +4,8 @@ test against the reference's, call by call."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -43,6 +45,64 @@ class Recorder:
             h.remove()
 
 
+class LayerComparison:
+    """Each layer's outputs under test against `refs[name]`, call by call, into `report.layers`
+    as they arrive (`add`); a reference output is dropped once compared, so a live comparison
+    (`live`) holds one layer's output at a time, not the whole model's. `finish` checks that
+    every layer ran as often on both sides (`what` names them) and adds the ties `aligner`
+    decided in that run (if it ran aligned) to the report's tie counts.
+
+    A layer that ran a different number of times cannot be compared: `ParityError` says so (a
+    layer called in Python control flow a trace did not follow, or a reference that is not the
+    model this one came from)."""
+
+    def __init__(
+        self,
+        report: ParityReport,
+        refs: dict[str, list[torch.Tensor | None]],
+        what: tuple[str, str] = ("the reference", "the integer model"),
+        aligner: Aligner | None = None,
+    ) -> None:
+        self.report, self.refs, self.what, self.aligner = report, refs, what, aligner
+        self.layers = {layer.name: layer for layer in report.layers}
+        self.calls: dict[str, int] = {}
+
+    def add(self, name: str, out: torch.Tensor) -> None:
+        i = self.calls.get(name, 0)
+        self.calls[name] = i + 1
+        queue = self.refs.get(name, [])
+        if name in self.layers and i < len(queue):
+            self.layers[name].add(queue[i], out)
+            queue[i] = None
+
+    def finish(self) -> None:
+        for name in self.layers:
+            r, o = len(self.refs.get(name, [])), self.calls.get(name, 0)
+            if r != o:
+                raise ParityError(f"{name} ran {r} time(s) in {self.what[0]} but {o} in "
+                                  f"{self.what[1]} on the same batch")  # fmt: skip
+        if self.aligner is not None:
+            self.report.aligned += self.aligner.aligned
+            self.report.max_tie_distance = max(self.report.max_tie_distance,
+                                               self.aligner.max_distance)  # fmt: skip
+
+
+@contextlib.contextmanager
+def live(model: nn.Module, names: list[str], comparison: LayerComparison) -> Iterator[None]:
+    """Forward hooks on modules `names` of `model` handing each output to `comparison` as it
+    is produced; `comparison.finish()` after the block."""
+    def hook(name: str) -> Any:
+        return lambda _mod, _args, out: comparison.add(name, out.detach())
+
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+    comparison.finish()
+
+
 def compare_layers(
     report: ParityReport,
     refs: dict[str, list[torch.Tensor]],
@@ -50,21 +110,9 @@ def compare_layers(
     what: tuple[str, str] = ("the reference", "the integer model"),
     aligner: Aligner | None = None,
 ) -> None:
-    """Add every layer's outputs `outs[name]` against `refs[name]` to `report.layers`, and the
-    ties `aligner` decided in that run (if it ran aligned) to the report's tie counts.
-
-    A layer that ran a different number of times on the two sides (`what` names them) cannot be
-    compared: `ParityError` says so (a layer called in Python control flow a trace did not
-    follow, or a reference that is not the model this one came from)."""
-    for layer in report.layers:
-        r, o = refs.get(layer.name, []), outs.get(layer.name, [])
-        if len(r) != len(o):
-            raise ParityError(
-                f"{layer.name} ran {len(r)} time(s) in {what[0]} but {len(o)} in {what[1]} on "
-                "the same batch"
-            )
-        for ref, out in zip(r, o, strict=True):
-            layer.add(ref, out)
-    if aligner is not None:
-        report.aligned += aligner.aligned
-        report.max_tie_distance = max(report.max_tie_distance, aligner.max_distance)
+    """`LayerComparison` of recorded outputs `outs[name]` against `refs[name]`."""
+    comparison = LayerComparison(report, refs, what, aligner)
+    for name, calls in outs.items():
+        for out in calls:
+            comparison.add(name, out)
+    comparison.finish()

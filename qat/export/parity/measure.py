@@ -25,7 +25,7 @@ from torch import nn
 
 from qat.export.integer.layer import IntLayer
 from qat.export.parity.align import Aligner, aligned
-from qat.export.parity.compare import Recorder, compare_layers
+from qat.export.parity.compare import LayerComparison, Recorder, live
 from qat.export.parity.report import ParityReport, TensorParity
 from qat.quant.fake_quant import FakeQuantizer
 
@@ -151,10 +151,10 @@ def parity_report(
             if free is not None:
                 free.add(ref, as_tensor(forward(int_model, batch)), rows=True)
                 aligner = Aligner(quant_in, int_layers, tie_tolerance)
-            with aligned(int_model, names, aligner), Recorder(int_model, names) as int_rec:
+            comparison = LayerComparison(report, ref_rec.outs, aligner=aligner)
+            with aligned(int_model, names, aligner), live(int_model, names, comparison):
                 out = as_tensor(forward(int_model, batch))
             report.output.add(ref, out, rows=True)
-            compare_layers(report, ref_rec.outs, int_rec.outs, aligner=aligner)
             report.batches += 1
     return report
 
