@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qat.export import pack_int4, unpack_int4
-from qat.export.integer import grouped_matmul, integer_matmul
+from qat.export.integer import integer_matmul, scaled_matmul
 from qat.export.integer.packing import pack_bits, stored_shape, unpack_bits
 from qat.quant import QuantSpec
 
@@ -68,8 +68,7 @@ def test_pack_rejects_codes_outside_four_bits():
         unpack_int4(torch.tensor([1], dtype=torch.int8), 2, signed=True)
 
 
-@pytest.mark.parametrize("group_size", [None, 64])
-def test_float64_accumulation_is_exact_against_int64_on_large_k(group_size):
+def test_float64_accumulation_is_exact_against_int64_on_large_k():
     k = 32768  # the largest K whose worst case (-128 * -128 per term) still fits int32
     g = torch.Generator().manual_seed(0)
     x = torch.randint(-128, 128, (4, k), generator=g)
@@ -78,13 +77,33 @@ def test_float64_accumulation_is_exact_against_int64_on_large_k(group_size):
     x[1], w[1] = 127, -128
     ref = x @ w.T  # int64
     assert ref.abs().max() < 2**31  # the contract's int32 accumulator holds it
-    if group_size is None:
-        acc = integer_matmul(x.double(), w.double())
-    else:  # unit scales: the sum of the exact per-group products, in chunks of groups
-        one = torch.ones((), dtype=torch.float64)
-        acc = grouped_matmul(x.double(), w.double(), group_size, one, one, max_bytes=4 * 4 * 6 * 8)
-    assert torch.equal(acc.long(), ref)
+    assert torch.equal(integer_matmul(x.double(), w.double()).long(), ref)
+    one = torch.ones((1, 1), dtype=torch.float64)
+    assert torch.equal(scaled_matmul(x.double(), w.double(), one, one).long(), ref)
     assert ref[0, 0] == 2**29
+
+
+def test_scaled_matmul_is_each_groups_exact_product_times_its_scales_to_float64():
+    """Folding group scales into the columns rounds each term once: against each group's exact
+    int64 product times its fp32 scales, summed in exact rationals, within 1e-14 of the
+    output's magnitude, and the fp32 outputs equal."""
+    from fractions import Fraction
+
+    g = torch.Generator().manual_seed(0)
+    m, n, k, group = 3, 4, 256, 32
+    x = torch.randint(-127, 128, (m, k), generator=g)
+    w = torch.randint(-8, 8, (n, k), generator=g)
+    s_x = torch.rand(m, k // group, generator=g).half().float()  # fp16 scales, as llama.cpp's
+    s_w = torch.rand(n, k // group, generator=g).half().float()
+    got = scaled_matmul(x.double(), w.double(), s_x.double().repeat_interleave(group, -1),
+                        s_w.double().repeat_interleave(group, -1))  # fmt: skip
+    parts = (x.reshape(m, 1, -1, group) * w.reshape(1, n, -1, group)).sum(-1)  # (m, n, G) int64
+    for i in range(m):
+        for j in range(n):
+            exact = sum(Fraction(int(parts[i, j, t])) * Fraction(float(s_x[i, t]))
+                        * Fraction(float(s_w[j, t])) for t in range(k // group))  # fmt: skip
+            assert abs(Fraction(float(got[i, j])) - exact) <= Fraction(1, 10**14) * abs(exact)
+            assert float(got[i, j].float()) == float(torch.tensor(float(exact)).float())
 
 
 @pytest.mark.parametrize("bits", [2, 3])

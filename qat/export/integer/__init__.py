@@ -5,7 +5,7 @@ from qat.export.integer.conv import IntConv1d, IntConv2d
 from qat.export.integer.conv_transpose import IntConvTranspose2d
 from qat.export.integer.embedding import IntEmbedding
 from qat.export.integer.layer import IntLayer
-from qat.export.integer.linear import IntLinear, grouped_matmul, integer_matmul
+from qat.export.integer.linear import IntLinear, integer_matmul, scaled_matmul
 
 __all__ = [
     "IntConv1d",
@@ -14,6 +14,6 @@ __all__ = [
     "IntEmbedding",
     "IntLayer",
     "IntLinear",
-    "grouped_matmul",
     "integer_matmul",
+    "scaled_matmul",
 ]
