@@ -91,7 +91,7 @@ def scan(
         ...         {"match": {"types": ["Linear"]}, "weight": {"bits": bits}}]})
         ...     _ = qat.quant.calibrate(m, [torch.randn(8, 16)], num_batches=1)
         ...     return m
-        >>> x = torch.randn(32, 16)
+        >>> x = torch.randn(32, 16, generator=torch.Generator().manual_seed(0))
         >>> base, groups = scan({2: at(2), 8: at(8)}, ["0", "1"], lambda m: m(x).square().mean())
         >>> [g.bytes for g in groups]
         [{2: 68, 8: 260}, {2: 20, 8: 68}]
