@@ -131,10 +131,15 @@ def _fill(args: list[str]) -> list[str]:
     return out
 
 
+def _launched(args: list[str]) -> bool:
+    """Lightning's launcher starts the other processes by running the command line again."""
+    return "trainer=ddp_cpu" in args or "trainer=fsdp_cpu" in args
+
+
 def _run(args: list[str], data_dir: Path, capfd) -> str:
     exp = next((a.split("=")[1] for a in args if a.startswith("experiment=")), "digits_w4a4")
     argv = [*_fill(args), *SIZES[exp], "threads=1", f"paths.data_dir={data_dir}"]
-    if "trainer=ddp_cpu" in args:  # DDP re-runs the command line: a process of its own
+    if _launched(args):  # DDP and FSDP re-run the command line: a process of its own
         proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv],
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -155,7 +160,7 @@ def _check_console(args: list[str], text: str) -> None:
                   "[INFO]", "Traceback", "Loading weights"):
         assert noise not in text, (args, noise, text[-3000:])
     jobs = 3 if "-m" in args else 1
-    if "trainer=ddp_cpu" in args:  # rank 1 trains, then leaves the rest to rank 0
+    if _launched(args):  # rank 1 trains, then leaves the rest to rank 0
         assert text.count("training done on this rank; rank 0 evaluates") == 1, text[-3000:]
     if "task=ptq" in args:  # no training: the quantized model is reported as "ptq"
         assert text.count("ptq: val") == 1 and "qat: val" not in text, (args, text[-3000:])

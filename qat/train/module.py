@@ -16,6 +16,7 @@ from qat.models.hf import enable_activation_checkpointing
 from qat.quant import FakeQuantizer, quantizers
 from qat.train.checkpoint import check_meta
 from qat.train.objectives import ObjectiveMetrics, check_objective, model_forward, objective_loss
+from qat.train.sharding import shard
 
 
 def param_groups(
@@ -143,6 +144,12 @@ class QATModule(L.LightningModule):
         self.metrics = nn.ModuleDict(
             {s: ObjectiveMetrics(objective, num_classes) for s in ("train_", "val", "test")}
         )
+
+    def configure_model(self) -> None:
+        """Under FSDP (`trainer=fsdp_*`, which sets a device mesh) shard the model across the
+        data-parallel ranks; nothing otherwise."""
+        if self.device_mesh is not None:
+            shard(self.model, self.device_mesh["data_parallel"])
 
     @property
     def teacher(self) -> nn.Module | None:

@@ -42,6 +42,7 @@ from qat.train.model_spec import ModelSpec
 from qat.train.module import QATModule
 from qat.train.objectives import model_forward, objective_loss
 from qat.train.preflight import Job, calibration_count, needs_teacher, preflight, weight_method
+from qat.train.sharding import unsharded
 from qat.train.trainer import evaluate, fit, is_rank_zero
 
 
@@ -88,6 +89,11 @@ def train_float(
     if steps > 0:
         fit(cfg, module, dm, job.out_dir / "float", "float", steps)
         float_ckpt = str((job.out_dir / "float" / "checkpoints" / "last.ckpt").resolve())
+        trained = unsharded(model, spec.build)
+        if trained is not model:
+            model = trained
+            module = make_module(job, model, dm, meta, lr=float(cfg.float_stage.lr),
+                                 teacher=teacher)  # fmt: skip
     metrics = _evaluate(job, "float", module, dm, "float") if is_rank_zero() else None
     return model, float_ckpt, metrics
 
@@ -161,6 +167,10 @@ def train(job: Job) -> dict[str, Any]:
     callbacks = [QATScheduleCallback(sched, int(cfg.get("log_quant_every_n_steps", 50)),
                                      weight_observers=job.recipe.init != "gptq")]  # fmt: skip
     fit(cfg, module, dm, out_dir, "qat", steps, job.resume, callbacks)
+    trained = unsharded(model, lambda: qat.prepare(spec.build(), job.recipe))
+    if trained is not model:
+        model = trained
+        module = make_module(job, model, dm, meta, teacher=teacher, max_steps=steps)
     if not is_rank_zero():
         say("training done on this rank; rank 0 evaluates, exports and reports")
         return results
