@@ -20,6 +20,7 @@ distillation, written from the trained integer codes).
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import resource
 import statistics
@@ -27,14 +28,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF loader draws progress bars
 
-import qat
-from qat.export.gguf import write_float_gguf, write_gguf
-from qat.export.gguf.parity import llama_model
-from qat.models.registry import build_model
-from qat.pretrained import smollm2_gguf
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import qat  # noqa: E402
+from qat.export.gguf import write_float_gguf, write_gguf  # noqa: E402
+from qat.export.gguf.parity import llama_model  # noqa: E402
+from qat.models.registry import build_model  # noqa: E402
+from qat.pretrained import smollm2_gguf  # noqa: E402
 
 RECIPES = Path(__file__).resolve().parents[1] / "configs" / "recipe"
 

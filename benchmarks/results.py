@@ -11,8 +11,11 @@ Mean and std over seeds.
     .venv/bin/python benchmarks/results.py --task minilm --seeds 0 1 2
     .venv/bin/python benchmarks/results.py --task shakespeare --recipes w4g32 --gptq \
         --out benchmarks/results/gptq
+    .venv/bin/python benchmarks/results.py --task shakespeare --recipes w4g32 --gptq \
+        --mixed 3 4 8 --out benchmarks/results/pareto   # every method on one chart
 
-Writes benchmarks/results/<task>.csv (one row per run) and <task>.md (the table).
+Writes benchmarks/results/<task>.csv (one row per run), <task>.md (the table) and
+<task>_vs_size.png (the metric against artifact size, every method).
 """
 
 from __future__ import annotations
@@ -150,6 +153,9 @@ def main() -> None:
     _write_csv(csv_path, rows)
     (args.out / f"{args.task}.md").write_text(table(rows, m, args.task))
     print(table(rows, m, args.task))
+    from report import plot_methods
+
+    plot_methods(rows, args.task, args.out / f"{args.task}_vs_size.png")
 
 
 def _mixed_rows(base, recipe, widths, root, seed, m) -> list[dict[str, Any]]:
