@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -105,6 +106,21 @@ def atomic_write(
     with atomic_path(path, what, error) as tmp, tmp.open("wb") as f:
         write(f)
     return Path(path)
+
+
+def replace_dir(tmp: Path, target: Path) -> None:
+    """Rename the finished folder `tmp` over `target` (a folder, or nothing yet), durably. An
+    existing `target` moves aside first and is removed after: a crash in between leaves the
+    old folder beside a complete new one, never a half-written `target`."""
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the folder gets mkdir()'s mode
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, old / target.name)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+    fsync_path(target.parent)
 
 
 @contextlib.contextmanager

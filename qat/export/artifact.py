@@ -27,7 +27,7 @@ from qat.export import manifest as mf
 from qat.export.families import shipped
 from qat.export.manifest import ArtifactError
 from qat.export.parity.report import ParityReport
-from qat.io import fsync_path, writing
+from qat.io import fsync_path, replace_dir, writing
 from qat.models import registry
 from qat.quant.family import Families
 from qat.quant.provenance import record
@@ -84,14 +84,7 @@ def save(
     try:
         with writing(target, "export artifact"):
             _write_into(tmp, model, tensors, parity, extra)
-            if target.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-                os.replace(target, old / "artifact")
-                os.replace(tmp, target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, target)
-            fsync_path(target.parent)
+            replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
