@@ -14,9 +14,14 @@ from typing import Any
 
 import torch
 
+from qat.train.sharded_checkpoint import consolidate, is_sharded_checkpoint
+
 
 def _not_a_checkpoint(path: Path) -> str | None:
-    """Why `path` cannot be a `torch.save` file (a zip archive), or None if it may be one."""
+    """Why `path` cannot be a `torch.save` file (a zip archive) or a sharded checkpoint's
+    folder, or None if it may be one."""
+    if path.is_dir():
+        return None if is_sharded_checkpoint(path) else "it is a folder without an index.json"
     size = path.stat().st_size
     if size == 0:
         return "it is empty"
@@ -35,18 +40,20 @@ def load_checkpoint(path: str | Path, mmap: bool = False, lightning: bool = True
     """Load a Lightning checkpoint without unpickling arbitrary objects.
 
     A file that needs pickle to load (and so could run code) is refused; a file that is not a
-    checkpoint at all (text, empty, truncated) gets an error naming it. `mmap=True` maps the
+    checkpoint at all (text, empty, truncated) gets an error naming it. A sharded checkpoint's
+    folder is consolidated (`sharded_checkpoint`). `mmap=True` maps the
     tensors instead of reading them: cheap when only the metadata is needed. `lightning=False`
     accepts any weights-only dict (Lightning's own temporary files under `ddp_spawn`).
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     why = _not_a_checkpoint(path)
     if why is not None:
         raise ValueError(f"checkpoint {path} is unreadable or truncated: {why}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        ckpt = (consolidate(path) if path.is_dir()
+                else torch.load(path, map_location="cpu", weights_only=True, mmap=mmap))
     except pickle.UnpicklingError as e:
         raise ValueError(
             f"refusing to load {path}: it holds objects that only a full unpickle could build "
@@ -75,7 +82,7 @@ class Checkpoint:
     @classmethod
     def open(cls, path: str | Path, key: str = "checkpoint") -> Checkpoint:
         """`key` names the setting in errors (`ckpt_path`, `init_from`)."""
-        if not Path(path).is_file():
+        if not Path(path).exists():
             raise FileNotFoundError(f"{key}={path} does not exist")
         try:  # tensors memory-mapped: read only where they are used
             ckpt = load_checkpoint(path, mmap=True)

@@ -176,8 +176,8 @@ def train(job: Job) -> dict[str, Any]:
         return results
     results[stage] = _evaluate(job, stage, module, dm)
     last = out_dir / "checkpoints" / "last.ckpt"
-    results["qat_checkpoint"] = str(last) if last.is_file() else None  # none: no steps ran
-    outputs = {"checkpoint": str(last)} if last.is_file() else {}
+    results["qat_checkpoint"] = str(last) if last.exists() else None  # none: no steps ran
+    outputs = {"checkpoint": str(last)} if last.exists() else {}
     if cfg.export.get("enabled", True) and not job.recipe.is_float():
         int_model, results["artifacts"] = export_trained(job, model, dm)
         outputs.update({f: results["artifacts"][f] for f in job.formats})

@@ -11,36 +11,60 @@ quantizer scales alike, and the optimizer state with them. Observer ranges are b
 every rank, and reduced across ranks in every observed forward (`observers`), as under DDP.
 
 Checkpoints are whole files, gathered on rank 0 and written atomically like every other qat
-checkpoint: torch's distributed checkpoint format stores its metadata as a pickle, and qat
-loads nothing by unpickling. They resume under FSDP on any number of processes, or without it.
+checkpoint, which resume under FSDP on any number of processes or without it; or, with
+`trainer.strategy.sharded_checkpoints=true`, folders of one file per rank that nothing gathers
+(`sharded_checkpoint`), which resume on as many ranks and consolidate into a whole file. Not
+torch's distributed checkpoint format: it stores its metadata as a pickle, and qat loads
+nothing by unpickling.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
+from qat.train import sharded_checkpoint
+
 
 class FSDP2Strategy(ModelParallelStrategy):
     """Lightning's `ModelParallelStrategy` as pure FSDP2: a 1-D data-parallel mesh over all
-    processes, whole-file checkpoints (see the module docstring).
+    processes. Checkpoints are whole files, or with `sharded_checkpoints=True` one file per rank
+    that nothing gathers (`sharded_checkpoint`); see the module docstring.
 
     Example (what `trainer=fsdp_cpu` instantiates):
         >>> FSDP2Strategy(process_group_backend="gloo").process_group_backend
         'gloo'
     """
 
-    def __init__(self, process_group_backend: str | None = None, **kw: Any) -> None:
-        super().__init__(save_distributed_checkpoint=False,
+    def __init__(self, process_group_backend: str | None = None,
+                 sharded_checkpoints: bool = False, **kw: Any) -> None:  # fmt: skip
+        super().__init__(save_distributed_checkpoint=sharded_checkpoints,
                          process_group_backend=process_group_backend, **kw)  # fmt: skip
 
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes
         self._tensor_parallel_size = 1
         super().setup_environment()
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any,
+                        storage_options: Any = None) -> None:  # fmt: skip
+        if not self._save_distributed_checkpoint:  # whole: gathered, written by rank 0
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(str(filepath)))
+        sharded_checkpoint.save(checkpoint, path, self.global_rank, self.world_size,
+                                self.broadcast, self.barrier)  # fmt: skip
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict:
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if not sharded_checkpoint.is_sharded_checkpoint(path):
+            return super().load_checkpoint(path, weights_only)
+        meta, mine = sharded_checkpoint.read_rank(path, self.global_rank, self.world_size)
+        sharded_checkpoint.restore(self.model, self.optimizers, mine)
+        return {**meta, "qat_rng": mine["qat_rng"]}
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:

@@ -1,6 +1,7 @@
 """FSDP2 (`trainer=fsdp_cpu`, `qat.train.sharding`): what is sharded, observers across ranks,
 and real runs through `train.py` (Lightning's launcher, and torchrun as a cluster starts it)
-that resume bit-identically and export what a single process exports from their checkpoint."""
+that resume bit-identically from sharded checkpoints and export what a single process exports
+from them, or from their consolidated copy."""
 
 import os
 import socket
@@ -8,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -108,24 +110,58 @@ def _train(tmp_path: Path, name: str, data_dir: Path, *extra: str,
     return out
 
 
-def test_fsdp_run_resumes_bit_identically_and_exports_its_checkpoint_as_one_process(
+def test_fsdp_run_resumes_bit_identically_and_its_sharded_checkpoint_exports_as_one_file(
     tmp_path, data_dir
 ):
-    """8 QAT steps on two FSDP processes straight, and from their step-4 checkpoint resumed
-    under torchrun (as a cluster launches it): the same final weights, quantizer state and
-    artifact bytes. `task=export` of the run's checkpoint in one process, without FSDP,
-    writes the artifact the FSDP run wrote."""
-    straight = _train(tmp_path, "straight", data_dir)
+    """8 QAT steps on two FSDP processes writing sharded checkpoints, and the same run resumed
+    from its step-4 folder under torchrun (as a cluster launches it), writing whole files: the
+    same final weights, quantizer state and artifact bytes. In one process without FSDP,
+    `task=export` of the sharded `last.ckpt` and of its consolidated copy write the artifact
+    the FSDP run wrote."""
+    from qat.train.sharded_checkpoint import main as consolidate
+
+    straight = _train(tmp_path, "straight", data_dir, "trainer.strategy.sharded_checkpoints=true")
+    mid, last = (straight / "checkpoints" / f"{n}.ckpt" for n in ("step4", "last"))
+    assert sorted(p.name for p in mid.iterdir()) == ["index.json", "meta.pt", "rank-0.pt",
+                                                     "rank-1.pt"]  # fmt: skip
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                 f"--master_port={_free_port()}")  # fmt: skip
-    mid = straight / "checkpoints" / "step4.ckpt"
     resumed = _train(tmp_path, "resumed", data_dir, f"ckpt_path={mid}", launcher=torchrun)
-    a = model_state(load_checkpoint(straight / "checkpoints" / "last.ckpt"))
+    assert (resumed / "checkpoints" / "last.ckpt").is_file()
+    a = model_state(load_checkpoint(last))  # the folder, consolidated
     b = model_state(load_checkpoint(resumed / "checkpoints" / "last.ckpt"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     artifact = (straight / "export" / "qat" / "weights.safetensors").read_bytes()
     assert (resumed / "export" / "qat" / "weights.safetensors").read_bytes() == artifact
-    last = straight / "checkpoints" / "last.ckpt"
-    single = _train(tmp_path, "export", data_dir, "task=export", f"ckpt_path={last}",
-                    trainer="default")  # fmt: skip
-    assert (single / "export" / "qat" / "weights.safetensors").read_bytes() == artifact
+    consolidate([str(last), str(tmp_path / "whole.ckpt")])
+    for name, ckpt in (("from_folder", last), ("from_file", tmp_path / "whole.ckpt")):
+        single = _train(tmp_path, name, data_dir, "task=export", f"ckpt_path={ckpt}",
+                        trainer="default")  # fmt: skip
+        assert (single / "export" / "qat" / "weights.safetensors").read_bytes() == artifact
+
+
+def test_a_sharded_checkpoint_folder_is_checked_before_it_is_read(tmp_path):
+    """Written in one rank here: it consolidates to what was saved; a truncated shard, a folder
+    without its index, or a resume on another number of ranks is one clear error."""
+    from qat.train import sharded_checkpoint as sc
+    from qat.train.checkpoint import find_last_checkpoint
+
+    path = tmp_path / "runs" / "r" / "checkpoints" / "last.ckpt"
+    state = {"model.w": torch.arange(6.0).reshape(3, 2)}
+    ckpt = {"state_dict": state, "optimizer_states": [], "qat_rng": None, "global_step": 3,
+            "qat_meta": {"model": {"builder": "gpt"}}}  # fmt: skip
+    sc.save(dict(ckpt), path, 0, 1, lambda x: x, lambda: None)
+    whole = load_checkpoint(path)
+    assert whole["global_step"] == 3
+    assert torch.equal(whole["state_dict"]["model.w"], state["model.w"])
+    assert find_last_checkpoint(tmp_path) == path
+    with pytest.raises(ValueError, match=r"written by 1 ranks; resume it on as many, or "
+                       r"consolidate it"):  # fmt: skip
+        sc.read_rank(path, 0, 2)
+    shard = path / "rank-0.pt"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(ValueError, match=r"rank-0\.pt is missing or not the size its index says"):
+        load_checkpoint(path)
+    (path / "index.json").unlink()
+    with pytest.raises(ValueError, match=r"it is a folder without an index\.json"):
+        load_checkpoint(path)
