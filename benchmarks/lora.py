@@ -4,8 +4,9 @@ final metric on the Shakespeare GPT.
 Cost (`--models`): each (model, recipe) runs in its own process, so its peak RSS is its own:
 the model is built, prepared and calibrated, the peak is reset (`/proc/self/clear_refs`), then
 `--steps` AdamW steps of the run's objective (next-token loss plus KL to a float teacher, as
-the experiments train; SmolLM2 with activation checkpointing) are timed and the training peak
-read (VmHWM). Full and LoRA of one model run back to back on the same random token batch.
+the experiments train, the teacher a float copy or under LoRA the model itself seen as float;
+SmolLM2 with activation checkpointing) are timed and the training peak read (VmHWM). Full and
+LoRA of one model run back to back on the same random token batch.
 
 Metric (`--metric`): per seed, the float GPT (results.py's Shakespeare protocol), then from that
 checkpoint PTQ (RTN) w4g32, QAT w4g32 and LoRA-QAT w4g32_lora, all exported and parity-gated;
@@ -20,6 +21,7 @@ Writes benchmarks/results/lora/{cost,metric}.{md,csv}.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -68,13 +70,16 @@ def child(model: str, recipe: str, steps: int) -> dict[str, Any]:
 
     import qat
     from qat.quant import calibrate
+    from qat.quant.float_view import float_view
     from qat.train.objectives import kd_loss
 
     torch.manual_seed(0)
     _, _, batch, ctx = MODELS[model]
     float_model, vocab = _build(model)
-    teacher = copy.deepcopy(float_model).eval().requires_grad_(False)
-    m = qat.prepare(float_model, ROOT / "configs" / "recipe" / f"{recipe}.yaml").train()
+    recipe_ = qat.Recipe.from_yaml(ROOT / "configs" / "recipe" / f"{recipe}.yaml")
+    # As the runs distil: a float copy, or under LoRA the model itself seen as float.
+    copied = None if recipe_.lora else copy.deepcopy(float_model).eval().requires_grad_(False)
+    m = qat.prepare(float_model, recipe_).train()
     ids = torch.randint(0, vocab, (batch, ctx + 1), generator=torch.Generator().manual_seed(0))
     x, y = ids[:, :-1], ids[:, 1:]
 
@@ -89,8 +94,8 @@ def child(model: str, recipe: str, steps: int) -> dict[str, Any]:
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        with torch.no_grad():
-            t = logits(teacher)
+        with torch.no_grad(), (contextlib.nullcontext() if copied else float_view(m)):
+            t = logits(copied or m)
         out = logits(m)
         loss = F.cross_entropy(out.flatten(0, 1), y.flatten()) + kd_loss(out, t, 1.0)
         opt.zero_grad(set_to_none=True)

@@ -14,6 +14,7 @@ from torch import nn
 
 from qat.models.hf import enable_activation_checkpointing
 from qat.quant import FakeQuantizer, quantizers
+from qat.quant.float_view import float_view
 from qat.train.checkpoint import check_meta
 from qat.train.objectives import ObjectiveMetrics, check_objective, model_forward, objective_loss
 from qat.train.sharding import shard
@@ -89,7 +90,9 @@ class QATModule(L.LightningModule):
     """Trains `model` for `objective` (`classification`, `causal_lm`, `embedding`).
 
     `teacher` (a frozen float copy) enables distillation: required for `embedding`, optional
-    (`kd_weight > 0`) for the others. `meta` (builder, recipe) is stored in checkpoints and
+    (`kd_weight > 0`) for the others. `distill_from_base=True` distils from `model` itself
+    seen as float (`float_view`) instead: under LoRA-QAT its base weights never change, so no
+    copy is kept. `meta` (builder, recipe) is stored in checkpoints and
     checked on load, so a checkpoint of another model or recipe fails with a clear message.
     `dropout` (not None) sets every dropout layer's probability (see `set_dropout`).
 
@@ -117,6 +120,7 @@ class QATModule(L.LightningModule):
         distill_loss: str = "cosine",
         dropout: float | None = None,
         activation_checkpointing: bool = False,
+        distill_from_base: bool = False,
         meta: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -140,6 +144,7 @@ class QATModule(L.LightningModule):
         )
         # A list hides the teacher from state_dict, parameters() and the optimizer.
         self._teacher = [teacher.eval().requires_grad_(False)] if teacher is not None else []
+        self.distill_from_base = distill_from_base
         self.meta = dict(meta or {})
         self.metrics = nn.ModuleDict(
             {s: ObjectiveMetrics(objective, num_classes) for s in ("train_", "val", "test")}
@@ -160,7 +165,12 @@ class QATModule(L.LightningModule):
 
     def _teacher_out(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         needs = self.objective == "embedding" or self.kd_weight > 0
-        if self.teacher is None or not needs:
+        if not needs:
+            return None
+        if self.distill_from_base:
+            with torch.no_grad(), float_view(self.model):
+                return model_forward(self.objective, self.model, batch)
+        if self.teacher is None:
             return None
         with torch.no_grad():
             return model_forward(self.objective, self.teacher.to(self.device), batch)

@@ -148,7 +148,10 @@ def train(job: Job) -> dict[str, Any]:
         results["float"] = job.resume.meta.get("float_metrics")
         float_model, float_ckpt = _resumed_float(job, spec)
     L.seed_everything(int(cfg.seed) + 1, workers=True, verbose=False)
-    teacher = copy.deepcopy(float_model) if needs_teacher(job.cfg) else None
+    # LoRA-QAT never trains the base weights: the model seen as float is the teacher (the
+    # embedding objective also scores the integer model against it, so it keeps a copy).
+    from_base = job.recipe.lora is not None and job.objective != "embedding"
+    teacher = copy.deepcopy(float_model) if needs_teacher(job.cfg) and not from_base else None
     model = qat.prepare(float_model, job.recipe)
     stage = "ptq" if job.command == "ptq" else "qat"
     steps = 0 if stage == "ptq" else int(cfg.trainer.max_steps)
@@ -160,7 +163,8 @@ def train(job: Job) -> dict[str, Any]:
         "float_metrics": results["float"],
         "float_checkpoint": float_ckpt,
     }
-    module = make_module(job, model, dm, meta, teacher=teacher, max_steps=steps)
+    module = make_module(job, model, dm, meta, teacher=teacher, max_steps=steps,
+                         distill_from_base=from_base)
     sched = job.recipe.schedule.steps(steps)
     if job.resume is None:
         quantize_start(job, model, dm)
@@ -170,7 +174,8 @@ def train(job: Job) -> dict[str, Any]:
     trained = unsharded(model, lambda: qat.prepare(spec.build(), job.recipe))
     if trained is not model:
         model = trained
-        module = make_module(job, model, dm, meta, teacher=teacher, max_steps=steps)
+        module = make_module(job, model, dm, meta, teacher=teacher, max_steps=steps,
+                             distill_from_base=from_base)
     if not is_rank_zero():
         say("training done on this rank; rank 0 evaluates, exports and reports")
         return results

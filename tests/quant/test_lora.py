@@ -166,3 +166,29 @@ def test_a_tied_weight_cannot_take_one_adapter():
     recipe = _recipe("q4_0", target_modules=["lm_head"])
     with pytest.raises(ValueError, match="lm_head shares its weight with tok_emb"):
         qat.plan(_gpt(tie_weights=True), recipe)
+
+
+def test_the_float_view_of_a_lora_qat_model_is_the_float_model_and_the_distillation_teacher():
+    """Trained adapters and scales, observers on: inside `float_view` the prepared model
+    computes the float model's logits bit for bit (so LoRA-QAT keeps no teacher copy), and
+    after it every switch, adapter and mode is back (the same outputs, observers untouched)."""
+    from qat.quant.float_view import float_view
+    from qat.train.module import QATModule
+
+    trained, x = _trained()
+    trained.train()
+    qat.quant.enable_observer(trained.blocks[0].attn.q_proj.input_quant)
+    with torch.no_grad():
+        want = _gpt()(x[:, :-1])  # the model before prepare: same seed, untrained base
+        before = trained.eval()(x[:, :-1])
+        trained.train()
+        saved = {k: v.clone() for k, v in trained.state_dict().items()}
+        with float_view(trained):
+            got = trained(x[:, :-1])
+        assert trained.training and trained.blocks[0].attn.q_proj.lora is not None
+        assert all(torch.equal(v, trained.state_dict()[k]) for k, v in saved.items())
+        assert torch.equal(got, want) and not torch.equal(before, want)
+        assert torch.equal(trained.eval()(x[:, :-1]), before)
+    module = QATModule(trained, "causal_lm", kd_weight=1.0, distill_from_base=True)
+    assert module.teacher is None
+    assert torch.equal(module._teacher_out({"x": x[:, :-1], "y": x[:, 1:]}), want)
