@@ -1,6 +1,10 @@
-"""Switches usable with `model.apply(fn)`: fake quant, observers, BatchNorm statistics."""
+"""Switches usable with `model.apply(fn)`: fake quant, observers, BatchNorm statistics; and
+`frozen_eval`, which holds a model still for a block."""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 from torch import nn
 
@@ -45,3 +49,20 @@ def unfreeze_bn_stats(mod: nn.Module) -> None:
 def quantizers(model: nn.Module) -> dict[str, FakeQuantizer]:
     """Every `FakeQuantizer` in `model` by qualified name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, FakeQuantizer)}
+
+
+@contextlib.contextmanager
+def frozen_eval(model: nn.Module) -> Iterator[nn.Module]:
+    """For the block, `model` in eval mode with every observer off (no scale can move);
+    modes and switches restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    observing = [(q, q.observer_enabled.clone()) for q in quantizers(model).values()]
+    try:
+        model.eval()
+        model.apply(disable_observer)
+        yield model
+    finally:
+        for q, on in observing:
+            q.observer_enabled.copy_(on)
+        for m, training in modes:
+            m.training = training

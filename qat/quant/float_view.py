@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from qat.quant.fake_quant import FakeQuantizer
+from qat.quant.control import disable_fake_quant, frozen_eval, quantizers
 from qat.quant.modules import QATMixin
 
 
@@ -29,24 +29,17 @@ def float_view(model: nn.Module) -> Iterator[nn.Module]:
         ...     torch.equal(m(x), x @ m[0].weight.T + m[0].bias)
         True
     """
-    quantizers = [(q, q.fake_quant_enabled.clone(), q.observer_enabled.clone())
-                  for q in model.modules() if isinstance(q, FakeQuantizer)]  # fmt: skip
+    quantizing = [(q, q.fake_quant_enabled.clone()) for q in quantizers(model).values()]
     adapters = [(m, m.lora) for m in model.modules()
                 if isinstance(m, QATMixin) and m.lora is not None]  # fmt: skip
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        for q, _, _ in quantizers:
-            q.fake_quant_enabled.fill_(False)
-            q.observer_enabled.fill_(False)
-        for m, _ in adapters:
-            m.lora = None
-        yield model
-    finally:
-        for q, fq, obs in quantizers:
-            q.fake_quant_enabled.copy_(fq)
-            q.observer_enabled.copy_(obs)
-        for m, lora in adapters:
-            m.lora = lora
-        for m, training in modes:
-            m.training = training
+    with frozen_eval(model):
+        try:
+            model.apply(disable_fake_quant)
+            for m, _ in adapters:
+                m.lora = None
+            yield model
+        finally:
+            for q, on in quantizing:
+                q.fake_quant_enabled.copy_(on)
+            for m, lora in adapters:
+                m.lora = lora

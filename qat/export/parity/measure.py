@@ -27,6 +27,7 @@ from qat.export.integer.layer import IntLayer
 from qat.export.parity.align import Aligner, aligned
 from qat.export.parity.compare import LayerComparison, Recorder, live
 from qat.export.parity.report import ParityReport, TensorParity
+from qat.quant.control import frozen_eval
 from qat.quant.fake_quant import FakeQuantizer
 
 Forward = Callable[[nn.Module, Any], Any]
@@ -52,23 +53,6 @@ def as_tensor(out: Any) -> torch.Tensor:
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         return out[0]
     raise TypeError(f"cannot compare a model output of type {type(out).__name__}")
-
-
-@contextlib.contextmanager
-def _frozen_eval(model: nn.Module) -> Iterator[None]:
-    """Eval mode with every observer off (the reference's scales cannot move); restored after."""
-    modes = [(m, m.training) for m in model.modules()]
-    fqs = [(q, bool(q.observer_enabled)) for q in model.modules() if isinstance(q, FakeQuantizer)]
-    try:
-        model.eval()
-        for q, _ in fqs:
-            q.observer_enabled.fill_(False)
-        yield
-    finally:
-        for q, on in fqs:
-            q.observer_enabled.fill_(on)
-        for m, training in modes:
-            m.training = training
 
 
 @contextlib.contextmanager
@@ -137,7 +121,7 @@ def parity_report(
     report = ParityReport(
         TensorParity("output"), list(layers.values()), free, tie_tolerance=tie_tolerance
     )
-    with _frozen_eval(reference), _frozen_eval(int_model), _full_fp32():
+    with frozen_eval(reference), frozen_eval(int_model), _full_fp32():
         for batch in inputs:
             quant_in: dict = {}
             hooks = _quantizer_inputs(reference, names, quant_in)
