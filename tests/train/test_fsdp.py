@@ -92,13 +92,14 @@ def test_fsdp_shards_learned_scales_syncs_observers_and_steps_like_one_process(t
 
 
 def _train(tmp_path: Path, name: str, data_dir: Path, *extra: str,
-           launcher: tuple[str, ...] = (), trainer: str = "fsdp_cpu") -> Path:  # fmt: skip
+           launcher: tuple[str, ...] = (), trainer: str = "fsdp_cpu",
+           every: int = 4) -> Path:  # fmt: skip
     out = tmp_path / name
     cmd = [*launcher, "train.py", "experiment=shakespeare_w4g32a8", f"trainer={trainer}",
            "model.args.preset=tiny", "float_stage.max_steps=4", "trainer.max_steps=8",
            "trainer.val_check_interval=4", "trainer.limit_val_batches=1",
            "data.max_eval_blocks=8", "trainer.enable_progress_bar=false", "logger=none",
-           "callbacks.model_checkpoint.every_n_train_steps=4",
+           f"callbacks.model_checkpoint.every_n_train_steps={every}",
            "callbacks.model_checkpoint.save_top_k=-1", "callbacks.model_checkpoint.monitor=null",
            "callbacks.model_checkpoint.filename='step{step}'", "threads=1",
            f"paths.data_dir={data_dir}", f"paths.output_dir={out}", *extra]  # fmt: skip
@@ -113,11 +114,11 @@ def _train(tmp_path: Path, name: str, data_dir: Path, *extra: str,
 def test_fsdp_run_resumes_bit_identically_and_its_sharded_checkpoint_exports_as_one_file(
     tmp_path, data_dir
 ):
-    """8 QAT steps on two FSDP processes writing sharded checkpoints, and the same run resumed
-    from its step-4 folder under torchrun (as a cluster launches it), writing whole files: the
-    same final weights, quantizer state and artifact bytes. In one process without FSDP,
-    `task=export` of the sharded `last.ckpt` and of its consolidated copy write the artifact
-    the FSDP run wrote."""
+    """8 QAT steps on two FSDP processes writing sharded checkpoints; the same run resumed
+    from its step-4 folder under torchrun (as a cluster launches it), writing whole files; and
+    resumed again from that run's step-6 file: the same final weights, quantizer state and
+    artifact bytes. In one process without FSDP, `task=export` of the sharded `last.ckpt` and
+    of its consolidated copy write the artifact the FSDP run wrote."""
     from qat.train.sharded_checkpoint import main as consolidate
 
     straight = _train(tmp_path, "straight", data_dir, "trainer.strategy.sharded_checkpoints=true")
@@ -126,13 +127,17 @@ def test_fsdp_run_resumes_bit_identically_and_its_sharded_checkpoint_exports_as_
                                                      "rank-1.pt"]  # fmt: skip
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                 f"--master_port={_free_port()}")  # fmt: skip
-    resumed = _train(tmp_path, "resumed", data_dir, f"ckpt_path={mid}", launcher=torchrun)
-    assert (resumed / "checkpoints" / "last.ckpt").is_file()
+    resumed = _train(tmp_path, "resumed", data_dir, f"ckpt_path={mid}", launcher=torchrun,
+                     every=2)  # fmt: skip
+    step6 = resumed / "checkpoints" / "step6.ckpt"
+    assert step6.is_file()  # a whole file
+    again = _train(tmp_path, "again", data_dir, f"ckpt_path={step6}")
     a = model_state(load_checkpoint(last))  # the folder, consolidated
-    b = model_state(load_checkpoint(resumed / "checkpoints" / "last.ckpt"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     artifact = (straight / "export" / "qat" / "weights.safetensors").read_bytes()
-    assert (resumed / "export" / "qat" / "weights.safetensors").read_bytes() == artifact
+    for run in (resumed, again):
+        b = model_state(load_checkpoint(run / "checkpoints" / "last.ckpt"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), run.name
+        assert (run / "export" / "qat" / "weights.safetensors").read_bytes() == artifact
     consolidate([str(last), str(tmp_path / "whole.ckpt")])
     for name, ckpt in (("from_folder", last), ("from_file", tmp_path / "whole.ckpt")):
         single = _train(tmp_path, name, data_dir, "task=export", f"ckpt_path={ckpt}",
