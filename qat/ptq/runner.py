@@ -6,9 +6,10 @@ layers before it already quantized and fake quant on; a stage is the layers call
 input tensor (q/k/v, gate/up), measured in one pass that stops as soon as its last layer has
 seen the batch; inside a chain of repeated blocks (a transformer's layers) the pass runs
 that block alone on its cached inputs (`blocks.py`). Otherwise the model runs once with fake
-quant off and every layer sees float inputs. After GPTQ a layer's weight is its dequantized
-codes and its weight quantizer holds GPTQ's scales with the observer off: `convert` exports
-exactly those codes.
+quant off and every layer sees float inputs. After GPTQ a layer's weight quantizer holds
+GPTQ's scales with the observer off and turns its weight into GPTQ's codes: `convert` exports
+exactly those codes. The weight itself keeps its float value wherever GPTQ kept
+round-to-nearest's code (QAT from GPTQ starts there) and is the dequantized code elsewhere.
 
 Layers GPTQ does not walk keep round-to-nearest: embeddings, transposed and grouped
 convolutions, BN-folded convolutions, and weights shared with another module (a tied head).
@@ -159,8 +160,13 @@ def _apply(mod: QATMixin, h: Hessian, config: GPTQConfig) -> None:
     wq, w = mod.weight_quant, mod.weight
     q, s, z = gptq_quantize(w.detach().reshape(w.shape[0], -1), h.matrix(), wq.spec, config)
     wq.set_qparams(s, z)
-    s, z = wq.qparams()
-    w.copy_(grid.dequantize(q.reshape(w.shape), s.detach(), z.detach(), wq.spec).to(w.dtype))
+    s, z = (t.detach() for t in wq.qparams())
+    q, x = q.reshape(w.shape), w.detach().float()
+    # A weight GPTQ left on round-to-nearest's code keeps its float value, one it moved sits
+    # on its new code: the model computes GPTQ's codes either way, and QAT from GPTQ keeps
+    # where each unmoved weight lay inside its step instead of starting every one at a code.
+    kept = grid.quantize(x, s, z, wq.spec) == q
+    w.copy_(torch.where(kept, x, grid.dequantize(q, s, z, wq.spec)).to(w.dtype))
 
 
 def _sequential(model, batches, forward, layers, config, report, progress) -> None:
