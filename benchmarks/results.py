@@ -110,7 +110,9 @@ def main() -> None:
                     help="add GPTQ PTQ and GPTQ-initialised QAT rows for every recipe")
     ap.add_argument("--mixed", type=int, nargs="+", metavar="BITS",
                     help="add PTQ and QAT rows for the recipe task=sensitivity writes from "
-                         "these candidate widths at the size of the recipe's own width")
+                         "these candidate widths at the size of the recipe's own widths")
+    ap.add_argument("--measure", choices=["loss", "kl", "sqnr"], default="loss",
+                    help="what the sensitivity scan measures (sensitivity.measure)")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = ap.parse_args()
     spec = TASKS[args.task]
@@ -145,7 +147,8 @@ def main() -> None:
                              root / f"qat_gptq_{recipe}")
                 rows.append(_row(seed, "QAT from GPTQ", recipe, gq["export"], gq, m))
             if args.mixed:
-                rows += _mixed_rows(base + s + init, recipe, args.mixed, root, seed, m)
+                rows += _mixed_rows(base + s + init, recipe, args.mixed, args.measure, root,
+                                    seed, m)
             _write_csv(csv_path, rows)
             done = [r for r in rows if r["seed"] == seed and r["recipe"] == recipe]
             print(f"[{args.task}] seed {seed} {recipe}: "
@@ -158,16 +161,15 @@ def main() -> None:
     plot_methods(rows, args.task, args.out / f"{args.task}_vs_size.png")
 
 
-def _mixed_rows(base, recipe, widths, root, seed, m) -> list[dict[str, Any]]:
-    """Scan at `widths`, budget = the recipe's weights all at its own width (read from the
-    recipe's first rule), then PTQ and QAT with the mixed recipe the scan wrote."""
-    from qat.quant.recipe import Recipe
-
-    first = Recipe.from_yaml(ROOT / "configs" / "recipe" / f"{recipe}.yaml").rules[0]
+def _mixed_rows(base, recipe, widths, measure, root, seed, m) -> list[dict[str, Any]]:
+    """Scan at `widths` by `measure`, budget = the size the recipe gives the scanned weights
+    (its first and last layers at 8 bits, say), then PTQ and QAT with the mixed recipe the
+    scan wrote."""
     scan = ["task=sensitivity", f"sensitivity.bits=[{','.join(map(str, widths))}]",
-            f"sensitivity.budget_uniform_bits={first.specs['weight']['bits']}"]
+            "sensitivity.budget_recipe=true", f"sensitivity.measure={measure}"]
     sens = one_run(base + [f"recipe={recipe}", *scan], root / f"sens_{recipe}")
-    mixed, label = sens["files"]["recipe"], f"{recipe} mixed {'/'.join(map(str, widths))}"
+    label = f"{recipe} mixed {'/'.join(map(str, widths))}"
+    mixed, label = sens["files"]["recipe"], label + ("" if measure == "loss" else f" ({measure})")
     ptq = one_run(base + [f"recipe={mixed}", "trainer.max_steps=0"], root / f"ptq_mixed_{recipe}")
     q = one_run(base + [f"recipe={mixed}"], root / f"qat_mixed_{recipe}")
     return [_row(seed, "PTQ", label, ptq["export"], ptq, m),

@@ -19,14 +19,14 @@ from qat.export.integer.packing import weight_bytes
 from qat.quant.control import disable_fake_quant
 from qat.quant.modules import QATMixin
 
-MEASURES = ("loss", "sqnr")
+MEASURES = ("loss", "kl", "sqnr")
 
 
 @dataclass
 class Group:
     """One group of layers scanned together; per candidate bit width its artifact bytes,
-    weight SQNR (dB) and measured cost (`delta`: the loss change, or the sqnr proxy's
-    weight-count-weighted noise-to-signal ratio)."""
+    weight SQNR (dB) and measured cost (`delta`: the loss change, the KL divergence from the
+    float outputs, or the sqnr proxy's weight-count-weighted noise-to-signal ratio)."""
 
     name: str
     layers: list[str]
@@ -106,7 +106,7 @@ def scan(
     for m in models.values():
         m.eval().apply(disable_fake_quant)
     any_model = next(iter(models.values()))
-    base = float(evaluate(any_model)) if measure == "loss" else 0.0
+    base = float(evaluate(any_model)) if measure != "sqnr" else 0.0
     total = sum(m.weight.numel() for m in _weights(any_model, layers))
     groups, done, steps = [], 0, len(names) * len(models)
     for name, members in names.items():
@@ -118,7 +118,7 @@ def scan(
             _switch(mods, True)
             signal, noise = map(sum, zip(*(_sqnr(m) for m in mods), strict=True))
             g.sqnr[bits] = 10 * torch.log10(torch.tensor(signal / max(noise, 1e-30))).item()
-            if measure == "loss":
+            if measure != "sqnr":  # the loss, or the KL from the float outputs
                 g.delta[bits] = float(evaluate(model)) - base
             else:  # noise-to-signal weighted by the group's share of the weights
                 g.delta[bits] = noise / max(signal, 1e-30) * g.weights / total

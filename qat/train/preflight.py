@@ -94,11 +94,12 @@ NUMBERS: dict[str, tuple[Any, str]] = {
     "ptq.act_order": _choice(True, False),
     "ptq.sequential": _choice(True, False),
     "sensitivity.group_by": _choice("layer", "block"),
-    "sensitivity.measure": _choice("loss", "sqnr"),
+    "sensitivity.measure": _choice("loss", "kl", "sqnr"),
     "sensitivity.batches": _int(1),
     "sensitivity.calibration_batches": _int(1),
     "sensitivity.budget_bits_per_weight": _either(_choice(None), _num(0.0, open_lo=True)),
     "sensitivity.budget_mib": _either(_choice(None), _num(0.0, open_lo=True)),
+    "sensitivity.budget_recipe": _choice(True, False),
 }
 
 
@@ -284,12 +285,13 @@ def _check_sensitivity(cfg: DictConfig, resume: Checkpoint | None, recipe: Recip
                            for b in bits) or len(set(bits)) != len(bits):  # fmt: skip
         raise ValueError(f"sensitivity.bits: got {bits!r}; allowed: distinct integers in "
                          "[2, 8], e.g. [2, 3, 4, 8]")
-    keys = ("budget_bits_per_weight", "budget_mib", "budget_uniform_bits")
-    budgets = [k for k in keys if sens.get(k) is not None]
+    keys = ("budget_bits_per_weight", "budget_mib", "budget_uniform_bits", "budget_recipe")
+    budgets = [k for k in keys if sens.get(k) not in (None, False)]
     if len(budgets) != 1:
         raise ValueError("sensitivity: set exactly one of budget_bits_per_weight (e.g. 4.5), "
                          "budget_mib, budget_uniform_bits (e.g. 4: the size with every scanned "
-                         f"weight at 4 bits); got {budgets or 'none'}")
+                         "weight at 4 bits), budget_recipe=true (the size the recipe itself "
+                         f"gives them); got {budgets or 'none'}")
     uniform = sens.get("budget_uniform_bits")
     if uniform is not None and uniform not in bits:
         raise ValueError(f"sensitivity.budget_uniform_bits: got {uniform!r}; allowed: one of "

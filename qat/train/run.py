@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import qat
+from qat.export.integer.packing import weight_bytes
 from qat.io import write_json
 from qat.ptq import GPTQConfig, apply_gptq
 from qat.quant.calibrate import calibrate
@@ -193,12 +194,13 @@ def train(job: Job) -> dict[str, Any]:
     return results
 
 
-def _validation_loss(job: Job, batches: list, teacher: torch.nn.Module | None):
-    """Mean objective loss over `batches` (against the float model's outputs when the
-    objective distills)."""
+def _validation_loss(job: Job, batches: list, teacher: torch.nn.Module, measure: str):
+    """Mean objective loss over `batches`, or with `measure="kl"` the KL divergence from the
+    float model's output distribution (the embedding objective always scores against the
+    float model's outputs)."""
     m = job.cfg.module
-    targets = None
-    if job.objective == "embedding":
+    targets, kd = None, 1.0 if measure == "kl" else 0.0
+    if job.objective == "embedding" or kd:
         with torch.no_grad():
             targets = [model_forward(job.objective, teacher.eval(), b) for b in batches]
 
@@ -207,15 +209,19 @@ def _validation_loss(job: Job, batches: list, teacher: torch.nn.Module | None):
         total = 0.0
         for i, b in enumerate(batches):
             out = model_forward(job.objective, model, b)
-            total += float(objective_loss(job.objective, out, b, targets and targets[i], 0.0,
+            total += float(objective_loss(job.objective, out, b, targets and targets[i], kd,
                                           1.0, str(m.distill_loss)))  # fmt: skip
         return total / len(batches)
 
     return loss
 
 
-def _budget(sens: DictConfig, groups: list) -> float:
+def _budget(sens: DictConfig, groups: list, job: Job, model: torch.nn.Module) -> float:
     """The budget in artifact bytes of the scanned weights, from whichever key is set."""
+    if sens.get("budget_recipe"):  # each scanned weight at the width the recipe gives it
+        mods = dict(model.named_modules())
+        return float(sum(weight_bytes(lp.specs["weight"], tuple(mods[lp.name].weight.shape))
+                         for lp in job.plan.quantized() if lp.specs.get("weight")))  # fmt: skip
     if sens.get("budget_uniform_bits") is not None:
         return float(sum(g.bytes[int(sens.budget_uniform_bits)] for g in groups))
     if sens.get("budget_mib") is not None:
@@ -247,9 +253,10 @@ def sensitivity_command(job: Job) -> dict[str, Any]:
     show = bool(cfg.trainer.get("enable_progress_bar", True))
     start = time.perf_counter()
     with step_bar("sensitivity", show) as advance:
-        loss0, groups = scan(models, layers, _validation_loss(job, val, float_model),
-                             str(sens.group_by), str(sens.measure), advance)  # fmt: skip
-    budget = _budget(sens, groups)
+        measure = str(sens.measure)
+        loss0, groups = scan(models, layers, _validation_loss(job, val, float_model, measure),
+                             str(sens.group_by), measure, advance)  # fmt: skip
+    budget = _budget(sens, groups, job, float_model)
     try:
         choice = Choice.under(groups, budget)
     except ValueError as e:

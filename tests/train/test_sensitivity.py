@@ -59,10 +59,33 @@ def test_the_written_recipe_trains_and_exports_at_the_predicted_size(scanned):
     assert manifest["parity"]["batches"] >= 1  # the export's parity gate ran (and passed)
 
 
+def test_the_kl_measure_is_zero_for_the_float_model_and_grows_as_bits_shrink(tmp_path, data_dir):
+    """`measure: kl` scores each group by the KL divergence of the model's outputs from the
+    float model's: never negative (a loss change can be, by chance), larger at fewer bits."""
+    cfg = compose_run_config(tmp_path, data_dir, GPT + SCAN[:-1] + [
+        "sensitivity.measure=kl", "sensitivity.bits=[2,8]", "sensitivity.group_by=block",
+        "sensitivity.budget_uniform_bits=8"])  # fmt: skip
+    s = run(cfg)
+    assert s["float_loss"] == pytest.approx(0.0, abs=1e-6)
+    table = Path(s["files"]["csv"]).read_text().splitlines()
+    assert len(table) == 4  # a header, blocks.0, blocks.1, lm_head
+    assert s["uniform"]["2"]["predicted_change"] > s["uniform"]["8"]["predicted_change"] > 0
+    assert s["budget_bytes"] == s["uniform"]["8"]["size_bytes"]
+
+
+def test_the_recipe_budget_is_the_size_of_the_recipes_own_widths(tmp_path, data_dir):
+    """`budget_recipe=true`: the budget is what the recipe itself gives the scanned weights
+    (w4g32 with its Conv rule at 8 bits: every GPT weight at 4), so uniform 4 is a choice."""
+    cfg = compose_run_config(tmp_path, data_dir, GPT + SCAN + ["sensitivity.budget_recipe=true"])
+    s = run(cfg)
+    assert s["budget_bytes"] == s["uniform"]["4"]["size_bytes"] >= s["size_bytes"]
+
+
 @pytest.mark.parametrize("extra, message", [
     (["sensitivity.bits=[4,9]"], r"sensitivity.bits: got \[4, 9\]; allowed: distinct integers"),
     ([], "set exactly one of budget_bits_per_weight"),
     (["sensitivity.budget_mib=1", "sensitivity.budget_uniform_bits=4"], "got .*budget_mib"),
+    (["sensitivity.budget_recipe=true", "sensitivity.budget_mib=1"], "got .*budget_recipe"),
     (["sensitivity.budget_uniform_bits=3"], "budget_uniform_bits: got 3; allowed: one of"),
     (["sensitivity.budget_mib=1", "recipe=fp32"], "quantizes nothing: task=sensitivity"),
 ])  # fmt: skip
