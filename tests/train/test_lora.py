@@ -54,3 +54,21 @@ def test_lora_qat_trains_adapters_only_resumes_exactly_and_exports(make_cfg):
     assert resumed.keys() == state.keys()
     for k in state:
         assert torch.equal(state[k], resumed[k]), k
+
+
+def test_q4_0_lora_keeps_its_calibrated_scales_and_trains_adapters_alone(make_cfg):
+    """The shipped q4_0_lora fixes its group scales at calibration (learn: none, observers
+    frozen from the first step): AdamW holds state for the adapters alone, and the scales a
+    checkpoint holds at step 4 are those at step 8."""
+    common = GPT_TINY + ["recipe=q4_0_lora", "trainer.max_steps=8", "trainer.val_check_interval=4"]
+    cfg = make_cfg(common, name="fixed_scales")
+    res = run(cfg)
+    assert res["export"]["val/ppl"] == res["qat"]["val/ppl"]  # the parity-gated artifact
+    out = Path(cfg.paths.output_dir) / "checkpoints"
+    last, mid = load_checkpoint(out / "last.ckpt"), load_checkpoint(out / "step4.ckpt")
+    state, early = model_state(last), model_state(mid)
+    lora = [k for k in state if ".lora." in k]
+    assert len(last["optimizer_states"][0]["state"]) == len(lora)
+    scales = [k for k in state if k.endswith("weight_quant.scale")]
+    assert scales and all(torch.equal(state[k], early[k]) for k in scales)
+    assert any(not torch.equal(state[k], early[k]) for k in lora)
