@@ -3,14 +3,30 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import qat.train.checkpoint as checkpoint_mod
 from qat.train.checkpoint import load_checkpoint, model_state
+from qat.train.preflight import preflight
 from qat.train.run import run
 
 from .conftest import TINY
 
 EXPERIMENTS = sorted((Path(__file__).resolve().parents[2] / "configs/experiment").glob("*.yaml"))
+
+
+def _parent(path: Path) -> str | None:
+    """The experiment `path` builds on (a plain name in its defaults list), if any."""
+    defaults = yaml.safe_load(path.read_text()).get("defaults") or []
+    return next((d for d in defaults if isinstance(d, str)
+                 and (path.parent / f"{d}.yaml").is_file()), None)  # fmt: skip
+
+
+# An experiment built on another (smollm2_q4_0_lora: smollm2_q4_0 with a LoRA recipe and its
+# learning rate) runs its parent's road, which is smoke-run (SmolLM2's takes 4 minutes); it is
+# planned against its model here, and its recipe trains in tests/train/test_lora.py.
+ROOTS = [p for p in EXPERIMENTS if _parent(p) is None]
+DERIVED = [p for p in EXPERIMENTS if _parent(p) is not None]
 
 
 def test_default_experiment_trains_float_then_qat_and_writes_outputs(make_cfg):
@@ -122,7 +138,15 @@ def test_bad_task_and_missing_checkpoint_are_clear_errors(make_cfg):
         run(make_cfg(TINY + ["ckpt_path=last"]))
 
 
-@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", DERIVED, ids=lambda p: p.stem)
+def test_every_derived_experiment_plans_against_its_model(make_cfg, path):
+    job = preflight(make_cfg([f"experiment={path.stem}", "++trainer.fast_dev_run=true"]))
+    parent = preflight(make_cfg([f"experiment={_parent(path)}", "++trainer.fast_dev_run=true"]))
+    assert job.plan.quantized() and job.model.builder == parent.model.builder
+    assert job.objective == parent.objective
+
+
+@pytest.mark.parametrize("path", ROOTS, ids=lambda p: p.stem)
 def test_every_experiment_smoke_runs(make_cfg, path):
     overrides = [
         f"experiment={path.stem}",
