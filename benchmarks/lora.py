@@ -70,6 +70,7 @@ def child(model: str, recipe: str, steps: int) -> dict[str, Any]:
 
     import qat
     from qat.quant import calibrate
+    from qat.quant.control import disable_observer
     from qat.quant.float_view import float_view
     from qat.train.objectives import kd_loss
 
@@ -90,9 +91,12 @@ def child(model: str, recipe: str, steps: int) -> dict[str, Any]:
     calibrate(m, [x], num_batches=1, forward=lambda net, b: logits(net))
     params = [p for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
+    freeze = recipe_.schedule.steps(steps)["freeze_observers"]  # as the run's schedule does
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
     times = []
-    for _ in range(steps):
+    for step in range(steps):
+        if step == freeze:
+            m.apply(disable_observer)
         t0 = time.perf_counter()
         with torch.no_grad(), (contextlib.nullcontext() if copied else float_view(m)):
             t = logits(copied or m)
