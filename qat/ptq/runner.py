@@ -33,6 +33,7 @@ from qat.quant.control import disable_fake_quant, enable_fake_quant
 from qat.quant.modules import QATConv2d, QATLinear, QATMixin
 
 Forward = Callable[[nn.Module, Any], Any]
+TokenMask = Callable[[Any], torch.Tensor | None]  # a batch's (B, T) real-token mask, or None
 
 
 @dataclass
@@ -96,14 +97,26 @@ class _Stop(Exception):
     """Raised by a hook once the stage's layers have their input: the rest is not needed."""
 
 
-def _measure(run: Callable[[Any], Any], items: list, layers: dict[str, QATMixin], stop: bool):
-    """Hessians of `layers` over `run(item)` for each item (cut short when `stop`)."""
+def _real_rows(mod: QATMixin, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """`layer_rows`, less the padded positions when `x` is laid out (B, T, ...) like `mask`:
+    a padded token's input never reaches the output, so it must not weigh on the Hessian."""
+    rows = layer_rows(mod, x)
+    if mask is None or x.dim() < 3 or x.shape[:2] != mask.shape or isinstance(mod, QATConv2d):
+        return rows
+    return rows[mask.reshape(-1).to(torch.bool)]
+
+
+def _measure(run: Callable[[Any], Any], items: list, layers: dict[str, QATMixin], stop: bool,
+             masks: list[torch.Tensor | None]):
+    """Hessians of `layers` over `run(item)` for each item (cut short when `stop`); `masks[i]`
+    marks item i's real tokens (None: every row counts)."""
     hs = {n: Hessian(m.weight[0].numel()) for n, m in layers.items()}
     pending: set[str] = set()
+    mask: list[torch.Tensor | None] = [None]
 
     def hook(name):
         def fn(mod, args):
-            hs[name].add(layer_rows(mod, args[0]))
+            hs[name].add(_real_rows(mod, args[0], mask[0]))
             pending.discard(name)
             if stop and not pending:
                 raise _Stop
@@ -112,7 +125,7 @@ def _measure(run: Callable[[Any], Any], items: list, layers: dict[str, QATMixin]
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
     try:
-        for item in items:
+        for item, mask[0] in zip(items, masks, strict=True):
             pending.update(layers)
             try:
                 run(item)
@@ -169,7 +182,7 @@ def _apply(mod: QATMixin, h: Hessian, config: GPTQConfig) -> None:
     w.copy_(torch.where(kept, x, grid.dequantize(q, s, z, wq.spec)).to(w.dtype))
 
 
-def _sequential(model, batches, forward, layers, config, report, progress) -> None:
+def _sequential(model, batches, forward, layers, config, report, progress, masks) -> None:
     """Stage by stage, each measured with every earlier stage already quantized. Stages
     inside a chain of repeated blocks run that block alone on its cached inputs (the
     block's output after its last stage is the next block's input); the rest, or every
@@ -179,7 +192,7 @@ def _sequential(model, batches, forward, layers, config, report, progress) -> No
 
     def quantize(run, items, stage):
         part = {n: layers[n] for n in stage}
-        for name, h in _measure(run, items, part, stop=True).items():
+        for name, h in _measure(run, items, part, True, masks).items():
             _apply(part[name], h, config)
             report.quantized.append(name)
         done[0] += 1
@@ -213,10 +226,12 @@ def apply_gptq(
     config: GPTQConfig | None = None,
     forward: Forward | None = None,
     progress: Callable[[int, int], None] | None = None,
+    token_mask: TokenMask | None = None,
 ) -> GPTQReport:
     """GPTQ every Linear/Conv2d weight of the prepared, calibrated `model` on `batches` (a
     list: it is run several times when sequential). Returns which layers it quantized;
-    `progress(done, total)` is called after each stage.
+    `progress(done, total)` is called after each stage. `token_mask(batch)`, for padded
+    batches, gives the (B, T) mask of real tokens: padded rows stay out of the Hessians.
 
     Example:
         >>> import qat
@@ -230,6 +245,7 @@ def apply_gptq(
     config = config or GPTQConfig()
     forward = forward or (lambda m, b: m(b))
     batches = list(batches)
+    masks = [token_mask(b) if token_mask else None for b in batches]
     report = GPTQReport()
     layers = _targets(model, report)
     was_training = model.training
@@ -237,13 +253,13 @@ def apply_gptq(
     try:
         if not config.sequential:
             model.apply(disable_fake_quant)
-            hs = _measure(lambda b: forward(model, b), batches, layers, stop=False)
+            hs = _measure(lambda b: forward(model, b), batches, layers, False, masks)
             for name, mod in layers.items():
                 if hs[name].n:
                     _apply(mod, hs.pop(name), config)
                     report.quantized.append(name)
         elif batches:
-            _sequential(model, batches, forward, layers, config, report, progress)
+            _sequential(model, batches, forward, layers, config, report, progress, masks)
     finally:
         model.apply(enable_fake_quant)
         model.train(was_training)

@@ -28,6 +28,12 @@ def model_forward(objective: str, model: nn.Module, batch: dict[str, torch.Tenso
     return model(batch["x"])
 
 
+def token_mask(objective: str, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The (B, T) mask of real tokens in a padded batch (sentences), or None (every position
+    is data: images, fixed-length text windows)."""
+    return batch["attention_mask"] if objective == "embedding" else None
+
+
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
     """Hinton et al.'s distillation term: `T^2 * KL(softmax(t/T) || softmax(s/T))`."""
     s = F.log_softmax(student.flatten(0, -2) / temperature, dim=-1)

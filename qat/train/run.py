@@ -41,7 +41,7 @@ from qat.train.console import (
 )
 from qat.train.model_spec import ModelSpec
 from qat.train.module import QATModule
-from qat.train.objectives import model_forward, objective_loss
+from qat.train.objectives import model_forward, objective_loss, token_mask
 from qat.train.preflight import Job, calibration_count, needs_teacher, preflight, weight_method
 from qat.train.sharding import unsharded
 from qat.train.trainer import evaluate, fit, is_rank_zero
@@ -127,7 +127,8 @@ def quantize_start(job: Job, model: torch.nn.Module, dm: Any) -> None:
         gptq = GPTQConfig(float(cfg.ptq.percdamp), int(cfg.ptq.block_size),
                           bool(cfg.ptq.act_order), bool(cfg.ptq.sequential))  # fmt: skip
         with step_bar("GPTQ", show) as advance:
-            report = apply_gptq(model, batches, gptq, forward, advance)
+            mask = lambda b: token_mask(job.objective, b)  # noqa: E731
+            report = apply_gptq(model, batches, gptq, forward, advance, mask)
         if is_rank_zero():
             say(f"{report.summary()}, in {time.perf_counter() - start:.1f} s")
 

@@ -202,3 +202,39 @@ def test_a_model_that_is_not_a_chain_gets_no_block_plan():
     stages = _call_stages(chain, tokens(0)[0], lambda m, b: m(b), layers)
     plan = block_plan(chain, stages, lambda: chain(tokens(0)[0]))
     assert plan is not None and len(plan.blocks) == 2 and plan.after == [["lm_head"]]
+
+
+class _MeanPooled(nn.Module):
+    """A sentence encoder in miniature: its output never reads the padded positions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.up, self.down = nn.Embedding(50, 16), nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.down(F.gelu(self.up(self.emb(ids)))) * mask[..., None]
+        return h.sum(1) / mask.sum(1, keepdim=True)
+
+
+def _pooled_forward(model: nn.Module, batch: dict) -> torch.Tensor:
+    return model(batch["input_ids"], batch["attention_mask"])
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_padding_does_not_reach_gptqs_hessians(sequential):
+    g = torch.Generator().manual_seed(0)
+    mask = torch.ones(4, 12)
+    mask[1:, 7:] = 0
+    ids = torch.randint(0, 50, (4, 12), generator=g)
+    other = torch.where(mask.bool(), ids, torch.randint(0, 50, (4, 12), generator=g))
+    codes = []
+    for pad_ids in (ids, other):  # the same sentences, different tokens under the padding
+        torch.manual_seed(0)
+        model = qat.prepare(_MeanPooled(), W4G16)
+        batch, fwd = {"input_ids": pad_ids, "attention_mask": mask}, _pooled_forward
+        qat.quant.calibrate(model, [batch], num_batches=1, forward=fwd)
+        apply_gptq(model, [batch], GPTQConfig(sequential=sequential), forward=fwd,
+                   token_mask=lambda b: b["attention_mask"])  # fmt: skip
+        int_model = qat.convert(model)
+        codes.append([int_model.up.dequantized_weight(), int_model.down.dequantized_weight()])
+    assert all(torch.equal(a, b) for a, b in zip(*codes, strict=True))
