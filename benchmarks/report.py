@@ -7,8 +7,9 @@ task, and per-layer quantization error (SQNR) of the digits CNN.
 Reads benchmarks/results/<task>.csv and the artifacts' manifests; writes sizes.md,
 <task>_vs_size.png and layer_sqnr.png into benchmarks/results/. `--readme` rewrites the part of
 README.md between the `results:start` / `results:end` markers with results_section.md (the
-prose, a template) filled from benchmarks/results/*.md (qat_overhead.md, onnx_speed_vnni*.md, onnx_parity_vnni.md, llm_gguf*.md and deploy_accuracy.md
-are those scripts' output, saved with `| tee`).
+prose, a template) filled from benchmarks/results/*.md (qat_overhead.md, onnx_speed_vnni*.md,
+onnx_parity_vnni.md, llm_gguf*.md and deploy_accuracy.md are those scripts' output, saved with
+`| tee`).
 """
 
 from __future__ import annotations
