@@ -11,8 +11,10 @@ GPTQ's scales with the observer off and turns its weight into GPTQ's codes: `con
 exactly those codes. The weight itself keeps its float value wherever GPTQ kept
 round-to-nearest's code (QAT from GPTQ starts there) and is the dequantized code elsewhere.
 
-Layers GPTQ does not walk keep round-to-nearest: embeddings, transposed and grouped
-convolutions, BN-folded convolutions, and weights shared with another module (a tied head).
+A BN-folded convolution is quantized (and exported) as `w * gamma / std` with BN's running
+statistics: GPTQ chooses codes for that folded weight and the latent `w` is set so that folding
+it gives them. Layers GPTQ does not walk keep round-to-nearest: embeddings, transposed, 1-d and
+grouped convolutions, and weights shared with another module (a tied head).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from qat.ptq.blocks import block_plan, first_inputs, hidden
 from qat.ptq.gptq import GPTQConfig, gptq_quantize
 from qat.ptq.hessian import Hessian
 from qat.quant import grid
+from qat.quant.bn_fold import QATConvBn2d, bn_scale
 from qat.quant.control import disable_fake_quant, enable_fake_quant
 from qat.quant.modules import QATConv2d, QATLinear, QATMixin
 
@@ -51,7 +54,7 @@ class GPTQReport:
 
 def _refusal(mod: nn.Module, shared: set[int]) -> str | None:
     """Why GPTQ leaves this quantized layer to round-to-nearest, or None."""
-    if type(mod) not in (QATLinear, QATConv2d):
+    if type(mod) not in (QATLinear, QATConv2d, QATConvBn2d):
         return f"{type(mod).__name__} layers"
     if isinstance(mod, QATConv2d) and mod.groups != 1:
         return "grouped convolutions"
@@ -168,18 +171,38 @@ def _call_stages(model, batch, forward, layers: dict[str, QATMixin]) -> list[lis
     return stages
 
 
+def _fold(mod: QATMixin) -> torch.Tensor | None:
+    """The per-output-channel factor BN folding multiplies the weight by (running statistics,
+    as in eval and export), shaped to broadcast over the weight; None for other layers."""
+    if not isinstance(mod, QATConvBn2d):
+        return None
+    return bn_scale(mod.bn).detach().reshape(-1, *[1] * (mod.weight.ndim - 1))
+
+
 @torch.no_grad()
 def _apply(mod: QATMixin, h: Hessian, config: GPTQConfig) -> None:
-    wq, w = mod.weight_quant, mod.weight
-    q, s, z = gptq_quantize(w.detach().reshape(w.shape[0], -1), h.matrix(), wq.spec, config)
+    """GPTQ the weight the layer quantizes (for a BN-folded conv, `w * gamma / std`) and
+    set the latent weight so that the layer computes GPTQ's codes."""
+    wq, w, fold = mod.weight_quant, mod.weight, _fold(mod)
+    x = w.detach().float() if fold is None else mod.folded_weight().detach().float()
+    q, s, z = gptq_quantize(x.reshape(x.shape[0], -1), h.matrix(), wq.spec, config)
     wq.set_qparams(s, z)
     s, z = (t.detach() for t in wq.qparams())
-    q, x = q.reshape(w.shape), w.detach().float()
+    q, on_code = q.reshape(x.shape), grid.dequantize(q.reshape(x.shape), s, z, wq.spec)
     # A weight GPTQ left on round-to-nearest's code keeps its float value, one it moved sits
     # on its new code: the model computes GPTQ's codes either way, and QAT from GPTQ keeps
     # where each unmoved weight lay inside its step instead of starting every one at a code.
     kept = grid.quantize(x, s, z, wq.spec) == q
-    w.copy_(torch.where(kept, x, grid.dequantize(q, s, z, wq.spec)).to(w.dtype))
+    new = torch.where(kept, x, on_code)
+    if fold is None:
+        w.copy_(new.to(w.dtype))
+        return
+    w.copy_((new / fold).to(w.dtype))
+    # Dividing by the fold and multiplying again can land a kept weight an ulp over a
+    # rounding boundary: those few sit on their code instead.
+    off = grid.quantize(mod.folded_weight().detach().float(), s, z, wq.spec) != q
+    if off.any():
+        w.copy_(torch.where(off, on_code / fold, w.detach().float()).to(w.dtype))
 
 
 def _sequential(model, batches, forward, layers, config, report, progress, masks) -> None:

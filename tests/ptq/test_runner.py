@@ -120,15 +120,30 @@ def test_conv_rows_times_the_weight_are_the_convolution(kw):
     torch.testing.assert_close(got, y.reshape(2, 5, -1))
 
 
-def test_cnn_convolutions_take_gptq_and_folded_batchnorm_keeps_round_to_nearest():
+def test_bn_folded_convolutions_take_gptq_on_the_folded_weight_and_export_its_codes():
+    """A Conv2d+BN pair quantizes (and exports) `w * gamma / std`: GPTQ chooses codes for
+    that folded weight, and the latent weight is set so that folding it gives those codes."""
     rule = {"match": {"types": ["Conv2d", "Linear"]},
             "weight": {"bits": 4, "granularity": "per_channel"}}  # fmt: skip
-    recipe = {"rules": [rule], "bn": "fold"}
-    model = qat.prepare(build_model("cnn", widths=[8, 16]), recipe)
+    torch.manual_seed(0)
+    model = qat.prepare(build_model("cnn", widths=[8, 16]), {"rules": [rule], "bn": "fold"})
     xs = [torch.randn(8, 1, 8, 8) for _ in range(2)]
     calibrated(model, xs)
+    model.train()
+    for _ in range(3):  # running statistics away from 0 / 1: the fold is not the identity
+        model(torch.randn(8, 1, 8, 8) * 3 + 1)
+    model.eval()
+    folds = {n: m for n, m in model.named_modules() if type(m).__name__ == "QATConvBn2d"}
+    rtn = {n: m.weight_quant(m.folded_weight()).detach() for n, m in folds.items()}
     report = apply_gptq(model, xs)
-    assert report.quantized and set(report.kept_rtn.values()) == {"QATConvBn2d layers"}
+    assert not report.kept_rtn and set(folds) <= set(report.quantized)
+    layers = dict(qat.convert(model).named_modules())
+    moved = 0
+    for name, mod in folds.items():
+        codes = layers[name].dequantized_weight()
+        assert torch.equal(mod.weight_quant(mod.folded_weight()).detach(), codes)
+        moved += int((codes != rtn[name]).sum())
+    assert moved > 0  # GPTQ chose other codes than round-to-nearest somewhere
 
 
 def _gptq_weights(model: nn.Module, batches, forward=None) -> dict[str, torch.Tensor]:
