@@ -230,6 +230,19 @@ def _budget(sens: DictConfig, groups: list, job: Job, model: torch.nn.Module) ->
     return float(sens.budget_bits_per_weight) * sum(g.weights for g in groups) / 8
 
 
+def _as_recipe(groups: list, job: Job) -> dict[str, float] | None:
+    """Size and predicted change of the recipe's own widths, to set beside the mixed choice;
+    None when a group's layers differ in width or one is not a candidate."""
+    bits = {lp.name: lp.specs["weight"].bits for lp in job.plan.quantized()
+            if lp.specs.get("weight")}  # fmt: skip
+    widths = [{bits[n] for n in g.layers} for g in groups]
+    if any(len(w) != 1 or min(w) not in g.delta for g, w in zip(groups, widths, strict=True)):
+        return None
+    chosen = [(g, min(w)) for g, w in zip(groups, widths, strict=True)]
+    return {"size_bytes": sum(g.bytes[b] for g, b in chosen),
+            "predicted_change": sum(g.delta[b] for g, b in chosen)}  # fmt: skip
+
+
 def sensitivity_command(job: Job) -> dict[str, Any]:
     """`task=sensitivity`: each weight group's loss change at each candidate width, and the
     mixed-precision recipe under the budget with the least predicted loss."""
@@ -281,15 +294,16 @@ def sensitivity_command(job: Job) -> dict[str, Any]:
                       f"{sens.measure} change")  # fmt: skip
     if plot is not None:
         files["plot"] = str(plot)
-    uniform = choice.uniform()
+    uniform, own = choice.uniform(), _as_recipe(groups, job)
     say(f"sensitivity: {len(groups)} groups x {len(models)} widths in "
         f"{time.perf_counter() - start:.1f} s; mixed {choice.bits_per_weight():.3f} bits/weight "
-        f"+{choice.predicted:.4g}; uniform " + ", ".join(
+        f"+{choice.predicted:.4g}; " + (f"recipe {choice.bits_per_weight(own['size_bytes']):.3f}"
+        f" +{own['predicted_change']:.4g}; " if own else "") + "uniform " + ", ".join(
             f"{b}b {choice.bits_per_weight(n):.3f} +{d:.4g}" for b, (n, d) in uniform.items()))
     summary = {"float": results, "float_checkpoint": float_ckpt, "float_loss": loss0,
                "budget_bytes": budget, "size_bytes": choice.size,
                "predicted_change": choice.predicted, "weights": choice.weights,
-               "chosen": choice.widths, "files": files,
+               "chosen": choice.widths, "files": files, "recipe": own,
                "uniform": {str(b): {"size_bytes": n, "predicted_change": d}
                            for b, (n, d) in uniform.items()}}  # fmt: skip
     files["summary"] = str(write_json(job.out_dir / "sensitivity.json", summary))

@@ -75,10 +75,13 @@ def test_the_kl_measure_is_zero_for_the_float_model_and_grows_as_bits_shrink(tmp
 
 def test_the_recipe_budget_is_the_size_of_the_recipes_own_widths(tmp_path, data_dir):
     """`budget_recipe=true`: the budget is what the recipe itself gives the scanned weights
-    (w4g32 with its Conv rule at 8 bits: every GPT weight at 4), so uniform 4 is a choice."""
+    (w4g32 with its Conv rule at 8 bits: every GPT weight at 4), so uniform 4 is a choice, and
+    the summary sets the recipe's own prediction beside the mixed one."""
     cfg = compose_run_config(tmp_path, data_dir, GPT + SCAN + ["sensitivity.budget_recipe=true"])
     s = run(cfg)
     assert s["budget_bytes"] == s["uniform"]["4"]["size_bytes"] >= s["size_bytes"]
+    assert s["recipe"] == s["uniform"]["4"]
+    assert s["predicted_change"] <= s["recipe"]["predicted_change"] + 1e-9
 
 
 @pytest.mark.parametrize("extra, message", [
