@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import os
 import shutil
 import statistics
@@ -174,7 +175,7 @@ def _mixed_rows(base, recipe, widths, measure, root, seed, m) -> list[dict[str, 
     q = one_run(base + [f"recipe={mixed}"], root / f"qat_mixed_{recipe}")
     # What the scan itself expects: the summed change of its choice and of the recipe's widths.
     pred = {"predicted_mixed": sens["predicted_change"],
-            "predicted_recipe": (sens.get("recipe") or {}).get("predicted_change", "")}
+            "predicted_recipe": (sens.get("recipe_widths") or {}).get("predicted_change", "")}
     return [{**_row(seed, "PTQ", label, ptq["export"], ptq, m), **pred},
             {**_row(seed, "QAT", label, q["export"], q, m), **pred}]
 
@@ -232,24 +233,25 @@ def table(rows: list[dict[str, Any]], m: str, task: str) -> str:
     scale = 100.0 if m == "acc" else 1.0
     unit = " (%)" if m == "acc" else ""
 
-    def fmt(vals: list[float], places: int | None = None) -> str:
-        mean = statistics.mean(vals) * scale
-        sd = statistics.stdev(vals) * scale if len(vals) > 1 else 0.0
-        places = places or (4 if m == "cosine" else 2)
-        return f"{mean:.{places}f} ± {sd:.{places}f}"
+    def fmt(vals: list[float], places: int = 4 if m == "cosine" else 2, k: float = scale) -> str:
+        vals = [v for v in vals if not math.isnan(v)]  # older CSVs lack a column
+        if not vals:
+            return "-"
+        sd = statistics.stdev(vals) * k if len(vals) > 1 else 0.0
+        return f"{statistics.mean(vals) * k:.{places}f} ± {sd:.{places}f}"
 
     n = len({str(r["seed"]) for r in rows})
     head = f"| method | recipe | test {m}{unit}, mean ± std over {n} seeds |"
     lines = [head, "|---|---|---|"]
     extra_col = {"cosine": ("nn_agreement", "NN top-1 agreement", fmt),
-                 "acc": ("test_loss", "test NLL", lambda v: fmt([x / scale for x in v], 3))}
+                 "acc": ("test_loss", "test NLL", lambda v: fmt(v, 3, 1.0))}
     col = extra_col.get(m)
     if col:
         lines = [head + f" {col[1]} |", "|---|---|---|---|"]
     for (method, recipe), vals in groups.items():
         extra = ""
         if col:
-            more = [float(r.get(col[0]) or "nan") for r in rows
+            more = [_number(r.get(col[0])) for r in rows
                     if (r["method"], r["recipe"]) == (method, recipe)]
             extra = f" {col[2](more)} |"
         lines.append(f"| {method} | {recipe} | {fmt(vals)} |{extra}")
@@ -269,21 +271,27 @@ def table(rows: list[dict[str, Any]], m: str, task: str) -> str:
     return "\n".join(lines + _predictions(rows)) + "\n"
 
 
+def _number(v: Any) -> float:
+    """A CSV cell as a float; an empty or missing one (an older CSV's) as NaN."""
+    return float("nan") if v is None or v == "" else float(v)
+
+
 def _predictions(rows: list[dict[str, Any]]) -> list[str]:
     """The scan's own forecast for each mixed recipe: its summed change against that of the
-    recipe's uniform widths at the same size (mean over seeds)."""
+    recipe's own widths at the same size (mean over seeds)."""
     pred: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
-        if r["method"] == "QAT" and str(r.get("predicted_recipe") or "") != "":
-            pred.setdefault(r["recipe"], []).append(
-                (float(r["predicted_recipe"]), float(r["predicted_mixed"])))
+        own = _number(r.get("predicted_recipe"))
+        if r["method"] == "QAT" and not math.isnan(own):
+            pred.setdefault(r["recipe"], []).append((own, _number(r["predicted_mixed"])))
     if not pred:
         return []
     lines = ["", "| mixed recipe | scan's predicted change: recipe's own widths | mixed | "
              "mixed / own |", "|---|---|---|---|"]
     for label, pairs in pred.items():
         own, mixed = (statistics.mean(p[i] for p in pairs) for i in (0, 1))
-        lines.append(f"| {label} | {own:.4g} | {mixed:.4g} | {mixed / own:.2f} |")
+        ratio = f"{mixed / own:.2f}" if own > 0 else "-"
+        lines.append(f"| {label} | {own:.4g} | {mixed:.4g} | {ratio} |")
     return lines
 
 

@@ -101,10 +101,11 @@ class _Stop(Exception):
 
 
 def _real_rows(mod: QATMixin, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """`layer_rows`, less the padded positions when `x` is laid out (B, T, ...) like `mask`:
-    a padded token's input never reaches the output, so it must not weigh on the Hessian."""
+    """`layer_rows`, less the padded positions when `x` is laid out (B, T, features) like
+    `mask`: a padded token's input never reaches the output, so it must not weigh on the
+    Hessian."""
     rows = layer_rows(mod, x)
-    if mask is None or x.dim() < 3 or x.shape[:2] != mask.shape or isinstance(mod, QATConv2d):
+    if mask is None or x.dim() != 3 or x.shape[:2] != mask.shape or isinstance(mod, QATConv2d):
         return rows
     return rows[mask.reshape(-1).to(torch.bool)]
 
@@ -115,11 +116,11 @@ def _measure(run: Callable[[Any], Any], items: list, layers: dict[str, QATMixin]
     marks item i's real tokens (None: every row counts)."""
     hs = {n: Hessian(m.weight[0].numel()) for n, m in layers.items()}
     pending: set[str] = set()
-    mask: list[torch.Tensor | None] = [None]
+    current: dict[str, torch.Tensor | None] = {"mask": None}
 
     def hook(name):
         def fn(mod, args):
-            hs[name].add(_real_rows(mod, args[0], mask[0]))
+            hs[name].add(_real_rows(mod, args[0], current["mask"]))
             pending.discard(name)
             if stop and not pending:
                 raise _Stop
@@ -128,7 +129,8 @@ def _measure(run: Callable[[Any], Any], items: list, layers: dict[str, QATMixin]
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
     try:
-        for item, mask[0] in zip(items, masks, strict=True):
+        for item, mask in zip(items, masks, strict=True):
+            current["mask"] = mask
             pending.update(layers)
             try:
                 run(item)
@@ -188,21 +190,18 @@ def _apply(mod: QATMixin, h: Hessian, config: GPTQConfig) -> None:
     q, s, z = gptq_quantize(x.reshape(x.shape[0], -1), h.matrix(), wq.spec, config)
     wq.set_qparams(s, z)
     s, z = (t.detach() for t in wq.qparams())
-    q, on_code = q.reshape(x.shape), grid.dequantize(q.reshape(x.shape), s, z, wq.spec)
-    # A weight GPTQ left on round-to-nearest's code keeps its float value, one it moved sits
-    # on its new code: the model computes GPTQ's codes either way, and QAT from GPTQ keeps
-    # where each unmoved weight lay inside its step instead of starting every one at a code.
+    q = q.reshape(x.shape)
+    on_code = grid.dequantize(q, s, z, wq.spec)
+    # A weight GPTQ left on round-to-nearest's code keeps its value, one it moved sits on its
+    # new code: the model computes GPTQ's codes either way, and QAT from GPTQ keeps where
+    # each unmoved weight lay inside its step instead of starting every one at a code.
     kept = grid.quantize(x, s, z, wq.spec) == q
-    new = torch.where(kept, x, on_code)
-    if fold is None:
-        w.copy_(new.to(w.dtype))
-        return
-    w.copy_((new / fold).to(w.dtype))
-    # Dividing by the fold and multiplying again can land a kept weight an ulp over a
-    # rounding boundary: those few sit on their code instead.
-    off = grid.quantize(mod.folded_weight().detach().float(), s, z, wq.spec) != q
-    if off.any():
-        w.copy_(torch.where(off, on_code / fold, w.detach().float()).to(w.dtype))
+    if fold is not None:  # the latent weight is the folded one over the fold (gamma may be 0)
+        kept |= fold == 0
+        on_code = on_code / torch.where(fold == 0, 1.0, fold)
+    # A kept weight folds to exactly `x` again; a moved one lies mid-step, where an ulp of
+    # the division cannot change its code.
+    w.copy_(torch.where(kept, w.detach().float(), on_code).to(w.dtype))
 
 
 def _sequential(model, batches, forward, layers, config, report, progress, masks) -> None:

@@ -45,10 +45,14 @@ class Choice:
     def layer_bits(self) -> dict[str, int]:
         return {n: self.widths[g.name] for g in self.groups for n in g.layers}
 
+    def at(self, widths: dict[str, int]) -> tuple[int, float]:
+        """The size and predicted change of the groups at `widths` (group -> width)."""
+        return (sum(g.bytes[widths[g.name]] for g in self.groups),
+                sum(g.delta[widths[g.name]] for g in self.groups))  # fmt: skip
+
     def uniform(self) -> dict[int, tuple[int, float]]:
         """Per width, the size and predicted change of every group at that width."""
-        return {b: (sum(g.bytes[b] for g in self.groups), sum(g.delta[b] for g in self.groups))
-                for b in sorted(self.groups[0].bytes)}  # fmt: skip
+        return {b: self.at(dict.fromkeys(self.widths, b)) for b in sorted(self.groups[0].bytes)}
 
     def description(self) -> str:
         used = "/".join(map(str, sorted(set(self.widths.values()))))

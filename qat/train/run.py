@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
+from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -127,8 +128,8 @@ def quantize_start(job: Job, model: torch.nn.Module, dm: Any) -> None:
         gptq = GPTQConfig(float(cfg.ptq.percdamp), int(cfg.ptq.block_size),
                           bool(cfg.ptq.act_order), bool(cfg.ptq.sequential))  # fmt: skip
         with step_bar("GPTQ", show) as advance:
-            mask = lambda b: token_mask(job.objective, b)  # noqa: E731
-            report = apply_gptq(model, batches, gptq, forward, advance, mask)
+            report = apply_gptq(model, batches, gptq, forward, advance,
+                                token_mask=partial(token_mask, job.objective))
         if is_rank_zero():
             say(f"{report.summary()}, in {time.perf_counter() - start:.1f} s")
 
@@ -230,17 +231,18 @@ def _budget(sens: DictConfig, groups: list, job: Job, model: torch.nn.Module) ->
     return float(sens.budget_bits_per_weight) * sum(g.weights for g in groups) / 8
 
 
-def _as_recipe(groups: list, job: Job) -> dict[str, float] | None:
-    """Size and predicted change of the recipe's own widths, to set beside the mixed choice;
-    None when a group's layers differ in width or one is not a candidate."""
+def _recipe_widths(groups: list, job: Job) -> dict[str, int] | None:
+    """Group -> the width the recipe itself gives it, to set beside the mixed choice; None
+    when a group's layers differ in width or one is not a candidate."""
     bits = {lp.name: lp.specs["weight"].bits for lp in job.plan.quantized()
             if lp.specs.get("weight")}  # fmt: skip
-    widths = [{bits[n] for n in g.layers} for g in groups]
-    if any(len(w) != 1 or min(w) not in g.delta for g, w in zip(groups, widths, strict=True)):
-        return None
-    chosen = [(g, min(w)) for g, w in zip(groups, widths, strict=True)]
-    return {"size_bytes": sum(g.bytes[b] for g, b in chosen),
-            "predicted_change": sum(g.delta[b] for g, b in chosen)}  # fmt: skip
+    out = {}
+    for g in groups:
+        widths = {bits[n] for n in g.layers}
+        if len(widths) != 1 or (b := widths.pop()) not in g.delta:
+            return None
+        out[g.name] = b
+    return out
 
 
 def sensitivity_command(job: Job) -> dict[str, Any]:
@@ -294,16 +296,21 @@ def sensitivity_command(job: Job) -> dict[str, Any]:
                       f"{sens.measure} change")  # fmt: skip
     if plot is not None:
         files["plot"] = str(plot)
-    uniform, own = choice.uniform(), _as_recipe(groups, job)
+    uniform, widths = choice.uniform(), _recipe_widths(groups, job)
+    own, parts = None, [f"mixed {choice.bits_per_weight():.3f} bits/weight +{choice.predicted:.4g}"]
+    if widths:
+        n, d = choice.at(widths)
+        own = {"size_bytes": n, "predicted_change": d}
+        parts.append(f"recipe {choice.bits_per_weight(own['size_bytes']):.3f} "
+                     f"+{own['predicted_change']:.4g}")  # fmt: skip
+    parts.append("uniform " + ", ".join(f"{b}b {choice.bits_per_weight(n):.3f} +{d:.4g}"
+                                        for b, (n, d) in uniform.items()))  # fmt: skip
     say(f"sensitivity: {len(groups)} groups x {len(models)} widths in "
-        f"{time.perf_counter() - start:.1f} s; mixed {choice.bits_per_weight():.3f} bits/weight "
-        f"+{choice.predicted:.4g}; " + (f"recipe {choice.bits_per_weight(own['size_bytes']):.3f}"
-        f" +{own['predicted_change']:.4g}; " if own else "") + "uniform " + ", ".join(
-            f"{b}b {choice.bits_per_weight(n):.3f} +{d:.4g}" for b, (n, d) in uniform.items()))
+        f"{time.perf_counter() - start:.1f} s; " + "; ".join(parts))
     summary = {"float": results, "float_checkpoint": float_ckpt, "float_loss": loss0,
                "budget_bytes": budget, "size_bytes": choice.size,
                "predicted_change": choice.predicted, "weights": choice.weights,
-               "chosen": choice.widths, "files": files, "recipe": own,
+               "chosen": choice.widths, "files": files, "recipe_widths": own,
                "uniform": {str(b): {"size_bytes": n, "predicted_change": d}
                            for b, (n, d) in uniform.items()}}  # fmt: skip
     files["summary"] = str(write_json(job.out_dir / "sensitivity.json", summary))

@@ -134,6 +134,8 @@ def test_bn_folded_convolutions_take_gptq_on_the_folded_weight_and_export_its_co
         model(torch.randn(8, 1, 8, 8) * 3 + 1)
     model.eval()
     folds = {n: m for n, m in model.named_modules() if type(m).__name__ == "QATConvBn2d"}
+    with torch.no_grad():  # a channel BN zeroes (zero-init residuals, pruned channels)
+        folds["blocks.0.conv2"].bn.weight[1] = 0.0
     rtn = {n: m.weight_quant(m.folded_weight()).detach() for n, m in folds.items()}
     report = apply_gptq(model, xs)
     assert not report.kept_rtn and set(folds) <= set(report.quantized)
@@ -142,6 +144,7 @@ def test_bn_folded_convolutions_take_gptq_on_the_folded_weight_and_export_its_co
     for name, mod in folds.items():
         codes = layers[name].dequantized_weight()
         assert torch.equal(mod.weight_quant(mod.folded_weight()).detach(), codes)
+        assert torch.isfinite(mod.weight).all()
         moved += int((codes != rtn[name]).sum())
     assert moved > 0  # GPTQ chose other codes than round-to-nearest somewhere
 
@@ -219,16 +222,28 @@ def test_a_model_that_is_not_a_chain_gets_no_block_plan():
     assert plan is not None and len(plan.blocks) == 2 and plan.after == [["lm_head"]]
 
 
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return h + self.down(F.gelu(self.up(h))) * mask[..., None]
+
+
 class _MeanPooled(nn.Module):
-    """A sentence encoder in miniature: its output never reads the padded positions."""
+    """A sentence encoder in miniature (a chain of two blocks, so sequential GPTQ runs them on
+    cached inputs): its output never reads the padded positions."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.emb, self.up, self.down = nn.Embedding(50, 16), nn.Linear(16, 32), nn.Linear(32, 16)
+        self.emb, self.blocks = nn.Embedding(50, 16), nn.ModuleList([_Block(), _Block()])
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        h = self.down(F.gelu(self.up(self.emb(ids)))) * mask[..., None]
-        return h.sum(1) / mask.sum(1, keepdim=True)
+        h = self.emb(ids)
+        for block in self.blocks:
+            h = block(h, mask)
+        return (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
 
 
 def _pooled_forward(model: nn.Module, batch: dict) -> torch.Tensor:
@@ -250,6 +265,7 @@ def test_padding_does_not_reach_gptqs_hessians(sequential):
         qat.quant.calibrate(model, [batch], num_batches=1, forward=fwd)
         apply_gptq(model, [batch], GPTQConfig(sequential=sequential), forward=fwd,
                    token_mask=lambda b: b["attention_mask"])  # fmt: skip
-        int_model = qat.convert(model)
-        codes.append([int_model.up.dequantized_weight(), int_model.down.dequantized_weight()])
+        layers = dict(qat.convert(model).named_modules())
+        codes.append([layers[f"blocks.{i}.{n}"].dequantized_weight()
+                      for i in (0, 1) for n in ("up", "down")])  # fmt: skip
     assert all(torch.equal(a, b) for a, b in zip(*codes, strict=True))

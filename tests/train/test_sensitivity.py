@@ -80,8 +80,8 @@ def test_the_recipe_budget_is_the_size_of_the_recipes_own_widths(tmp_path, data_
     cfg = compose_run_config(tmp_path, data_dir, GPT + SCAN + ["sensitivity.budget_recipe=true"])
     s = run(cfg)
     assert s["budget_bytes"] == s["uniform"]["4"]["size_bytes"] >= s["size_bytes"]
-    assert s["recipe"] == s["uniform"]["4"]
-    assert s["predicted_change"] <= s["recipe"]["predicted_change"] + 1e-9
+    assert s["recipe_widths"] == s["uniform"]["4"]
+    assert s["predicted_change"] <= s["recipe_widths"]["predicted_change"] + 1e-9
 
 
 @pytest.mark.parametrize("extra, message", [
