@@ -246,6 +246,8 @@ def table(rows: list[dict[str, Any]], m: str, task: str) -> str:
     extra_col = {"cosine": ("nn_agreement", "NN top-1 agreement", fmt),
                  "acc": ("test_loss", "test NLL", lambda v: fmt(v, 3, 1.0))}
     col = extra_col.get(m)
+    if col and all(math.isnan(_number(r.get(col[0]))) for r in rows):
+        col = None  # a CSV from before the column
     if col:
         lines = [head + f" {col[1]} |", "|---|---|---|---|"]
     for (method, recipe), vals in groups.items():
@@ -268,7 +270,43 @@ def table(rows: list[dict[str, Any]], m: str, task: str) -> str:
                 fair = (ptq - q) / (ptq - cont) if ptq != cont else float("nan")
                 name = recipe if method == "QAT" else f"{recipe}, {method}"
                 lines.append(f"| {name} | {share:.0%} | {fair:.0%} |")
-    return "\n".join(lines + _predictions(rows)) + "\n"
+    return "\n".join(lines + _paired(rows, m) + _predictions(rows)) + "\n"
+
+
+def _paired(rows: list[dict[str, Any]], m: str) -> list[str]:
+    """Seed by seed, from the same float checkpoint: QAT from GPTQ against QAT, and each mixed
+    recipe against the recipe whose size it was given (after PTQ and after QAT). The means
+    above hide differences smaller than the spread between seeds; these pairs do not."""
+    recipes = dict.fromkeys(r["recipe"] for r in rows if r["recipe"] != "-")
+    pairs = []
+    for rec in recipes:
+        base = rec.split(" mixed ")[0]
+        if rec != base:
+            pairs += [(("PTQ", rec), ("PTQ", base)), (("QAT", rec), ("QAT", base))]
+        elif any((r["method"], r["recipe"]) == ("QAT from GPTQ", rec) for r in rows):
+            pairs.append((("QAT from GPTQ", rec), ("QAT", rec)))
+    if not pairs:
+        return []
+    # (column, name, +1 where higher is better, scale); digits' accuracy moves in whole images,
+    # its NLL does not.
+    cols = [("test", m, -1.0 if m == "ppl" else 1.0, 100.0 if m == "acc" else 1.0)]
+    if m == "acc":
+        cols.append(("test_loss", "NLL", -1.0, 1.0))
+    lines = ["", "| pair (same seed, same float checkpoint) | "
+             + " | ".join(f"{name} difference per seed | better / equal / worse"
+                          for _, name, _, _ in cols) + " |",
+             "|---|" + "---|---|" * len(cols)]  # fmt: skip
+    for a, b in pairs:
+        cells = []
+        for key, _, sign, scale in cols:
+            v = {(r["method"], r["recipe"], str(r["seed"])): _number(r.get(key)) for r in rows}
+            seeds = sorted({k[2] for k in v if k[:2] == a and (*b, k[2]) in v}, key=int)
+            d = [(v[(*a, sd)] - v[(*b, sd)]) * scale for sd in seeds]
+            tally = [sum(sign * x > 0 for x in d), sum(x == 0 for x in d),
+                     sum(sign * x < 0 for x in d)]
+            cells += [" ".join(f"{x:+.4f}" for x in d), " / ".join(map(str, tally))]
+        lines.append(f"| {a[0]} {a[1]} - {b[0]} {b[1]} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _number(v: Any) -> float:
