@@ -241,7 +241,7 @@ def table(rows: list[dict[str, Any]], m: str, task: str) -> str:
         return f"{statistics.mean(vals) * k:.{places}f} ± {sd:.{places}f}"
 
     n = len({str(r["seed"]) for r in rows})
-    head = f"| method | recipe | test {m}{unit}, mean ± std over {n} seeds |"
+    head = f"| method | recipe | test {m}{unit}, mean ± std over {n} seed{'s' * (n != 1)} |"
     lines = [head, "|---|---|---|"]
     extra_col = {"cosine": ("nn_agreement", "NN top-1 agreement", fmt),
                  "acc": ("test_loss", "test NLL", lambda v: fmt(v, 3, 1.0))}
