@@ -296,10 +296,12 @@ def _paired(rows: list[dict[str, Any]], m: str) -> list[str]:
              + " | ".join(f"{name} difference per seed | better / equal / worse"
                           for _, name, _, _ in cols) + " |",
              "|---|" + "---|---|" * len(cols)]  # fmt: skip
+    values = {key: {(r["method"], r["recipe"], str(r["seed"])): _number(r.get(key))
+                    for r in rows} for key, _, _, _ in cols}  # fmt: skip
     for a, b in pairs:
         cells = []
         for key, _, sign, scale in cols:
-            v = {(r["method"], r["recipe"], str(r["seed"])): _number(r.get(key)) for r in rows}
+            v = values[key]
             seeds = sorted({k[2] for k in v if k[:2] == a and (*b, k[2]) in v}, key=int)
             d = [(v[(*a, sd)] - v[(*b, sd)]) * scale for sd in seeds]
             tally = [sum(sign * x > 0 for x in d), sum(x == 0 for x in d),

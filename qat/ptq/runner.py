@@ -31,7 +31,7 @@ from qat.ptq.blocks import block_plan, first_inputs, hidden
 from qat.ptq.gptq import GPTQConfig, gptq_quantize
 from qat.ptq.hessian import Hessian
 from qat.quant import grid
-from qat.quant.bn_fold import QATConvBn2d, bn_scale
+from qat.quant.bn_fold import QATConvBn2d
 from qat.quant.control import disable_fake_quant, enable_fake_quant
 from qat.quant.modules import QATConv2d, QATLinear, QATMixin
 
@@ -178,7 +178,7 @@ def _fold(mod: QATMixin) -> torch.Tensor | None:
     as in eval and export), shaped to broadcast over the weight; None for other layers."""
     if not isinstance(mod, QATConvBn2d):
         return None
-    return bn_scale(mod.bn).detach().reshape(-1, *[1] * (mod.weight.ndim - 1))
+    return mod.fold_scale().detach()
 
 
 @torch.no_grad()

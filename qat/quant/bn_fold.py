@@ -75,8 +75,12 @@ class _ConvBnMixin:
     def export_bias(self) -> torch.Tensor:
         return self.folded_bias()
 
+    def fold_scale(self) -> torch.Tensor:
+        """`gamma / std` per output channel, shaped to multiply the weight."""
+        return _per_out(bn_scale(self.bn), self.weight.ndim, 0)
+
     def folded_weight(self) -> torch.Tensor:
-        return self.float_weight() * _per_out(bn_scale(self.bn), self.weight.ndim, 0)
+        return self.float_weight() * self.fold_scale()
 
     def quantized_weight(self) -> torch.Tensor:
         return self._qweight(self.folded_weight())
@@ -87,7 +91,7 @@ class _ConvBnMixin:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._qin(x)
         bn = self.bn
-        scale = _per_out(bn_scale(bn), self.weight.ndim, 0)
+        scale = self.fold_scale()
         w = self.float_weight()
         wq = self._qweight(w * scale)  # quantized_weight(), with `scale` kept
         if not self.training or bool(self.bn_frozen):

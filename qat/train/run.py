@@ -301,8 +301,7 @@ def sensitivity_command(job: Job) -> dict[str, Any]:
     if widths:
         n, d = choice.at(widths)
         own = {"size_bytes": n, "predicted_change": d}
-        parts.append(f"recipe {choice.bits_per_weight(own['size_bytes']):.3f} "
-                     f"+{own['predicted_change']:.4g}")  # fmt: skip
+        parts.append(f"recipe {choice.bits_per_weight(n):.3f} +{d:.4g}")
     parts.append("uniform " + ", ".join(f"{b}b {choice.bits_per_weight(n):.3f} +{d:.4g}"
                                         for b, (n, d) in uniform.items()))  # fmt: skip
     say(f"sensitivity: {len(groups)} groups x {len(models)} widths in "
