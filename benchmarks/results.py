@@ -112,6 +112,9 @@ def main() -> None:
     ap.add_argument("--mixed", type=int, nargs="+", metavar="BITS",
                     help="add PTQ and QAT rows for the recipe task=sensitivity writes from "
                          "these candidate widths at the size of the recipe's own widths")
+    ap.add_argument("--group-sizes", type=int, nargs="+", metavar="N",
+                    help="with --mixed, also scan these group sizes of per-group weights "
+                         "(sensitivity.group_sizes)")
     ap.add_argument("--measure", choices=["loss", "kl", "sqnr"], default="loss",
                     help="what the sensitivity scan measures (sensitivity.measure)")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
@@ -148,8 +151,8 @@ def main() -> None:
                              root / f"qat_gptq_{recipe}")
                 rows.append(_row(seed, "QAT from GPTQ", recipe, gq["export"], gq, m))
             if args.mixed:
-                rows += _mixed_rows(base + s + init, recipe, args.mixed, args.measure, root,
-                                    seed, m)
+                rows += _mixed_rows(base + s + init, recipe, args.mixed, args.group_sizes,
+                                    args.measure, root, seed, m)
             _write_csv(csv_path, rows)
             done = [r for r in rows if r["seed"] == seed and r["recipe"] == recipe]
             print(f"[{args.task}] seed {seed} {recipe}: "
@@ -162,14 +165,17 @@ def main() -> None:
     plot_methods(rows, args.task, args.out / f"{args.task}_vs_size.png")
 
 
-def _mixed_rows(base, recipe, widths, measure, root, seed, m) -> list[dict[str, Any]]:
-    """Scan at `widths` by `measure`, budget = the size the recipe gives the scanned weights
-    (its first and last layers at 8 bits, say), then PTQ and QAT with the mixed recipe the
-    scan wrote."""
+def _mixed_rows(base, recipe, widths, sizes, measure, root, seed, m) -> list[dict[str, Any]]:
+    """Scan at `widths` (and group `sizes`) by `measure`, budget = the size the recipe gives
+    the scanned weights (its first and last layers at 8 bits, say), then PTQ and QAT with the
+    mixed recipe the scan wrote."""
     scan = ["task=sensitivity", f"sensitivity.bits=[{','.join(map(str, widths))}]",
             "sensitivity.budget_recipe=true", f"sensitivity.measure={measure}"]
-    sens = one_run(base + [f"recipe={recipe}", *scan], root / f"sens_{recipe}")
     label = f"{recipe} mixed {'/'.join(map(str, widths))}"
+    if sizes:
+        scan.append(f"sensitivity.group_sizes=[{','.join(map(str, sizes))}]")
+        label += f" g{'/'.join(map(str, sizes))}"
+    sens = one_run(base + [f"recipe={recipe}", *scan], root / f"sens_{recipe}")
     mixed, label = sens["files"]["recipe"], label + ("" if measure == "loss" else f" ({measure})")
     ptq = one_run(base + [f"recipe={mixed}", "trainer.max_steps=0"], root / f"ptq_mixed_{recipe}")
     q = one_run(base + [f"recipe={mixed}"], root / f"qat_mixed_{recipe}")

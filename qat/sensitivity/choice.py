@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from qat.sensitivity.knapsack import choose
 from qat.sensitivity.scan import Group
+from qat.sensitivity.width import Width
 
 
 @dataclass
@@ -13,16 +14,17 @@ class Choice:
     """Group -> width under `budget` bytes; `size` bytes, `predicted` the summed change.
 
     Example:
-        >>> a = Group("a", ["a"], 64, bytes={4: 32, 8: 64}, delta={4: 0.5, 8: 0.0})
-        >>> b = Group("b", ["b"], 64, bytes={4: 32, 8: 64}, delta={4: 0.1, 8: 0.0})
+        >>> four, eight = Width(4), Width(8)
+        >>> a = Group("a", ["a"], 64, bytes={four: 32, eight: 64}, delta={four: 0.5, eight: 0})
+        >>> b = Group("b", ["b"], 64, bytes={four: 32, eight: 64}, delta={four: 0.1, eight: 0})
         >>> c = Choice.under([a, b], budget=96)
-        >>> c.widths, c.bits_per_weight(), c.uniform()[4]
-        ({'a': 8, 'b': 4}, 6.0, (64, 0.6))
+        >>> {g: str(w) for g, w in c.widths.items()}, c.bits_per_weight(), c.uniform()[four]
+        ({'a': '8', 'b': '4'}, 6.0, (64, 0.6))
     """
 
     groups: list[Group]
     budget: float
-    widths: dict[str, int]
+    widths: dict[str, Width]
     size: int
     predicted: float
 
@@ -42,15 +44,15 @@ class Choice:
     def bits_per_weight(self, size: float | None = None) -> float:
         return 8 * (self.size if size is None else size) / self.weights
 
-    def layer_bits(self) -> dict[str, int]:
+    def layer_widths(self) -> dict[str, Width]:
         return {n: self.widths[g.name] for g in self.groups for n in g.layers}
 
-    def at(self, widths: dict[str, int]) -> tuple[int, float]:
+    def at(self, widths: dict[str, Width]) -> tuple[int, float]:
         """The size and predicted change of the groups at `widths` (group -> width)."""
         return (sum(g.bytes[widths[g.name]] for g in self.groups),
                 sum(g.delta[widths[g.name]] for g in self.groups))  # fmt: skip
 
-    def uniform(self) -> dict[int, tuple[int, float]]:
+    def uniform(self) -> dict[Width, tuple[int, float]]:
         """Per width, the size and predicted change of every group at that width."""
         return {b: self.at(dict.fromkeys(self.widths, b)) for b in sorted(self.groups[0].bytes)}
 

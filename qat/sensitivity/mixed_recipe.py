@@ -1,5 +1,6 @@
 """The chosen widths as a recipe file: the base recipe's rules, then one rule per width naming
-its layers (a later rule overrides an earlier one field by field, so only `bits` changes)."""
+its layers (a later rule overrides an earlier one field by field, so only `bits`, and with
+candidate group sizes `group_size`, change)."""
 
 from __future__ import annotations
 
@@ -11,37 +12,51 @@ import yaml
 
 from qat.io import atomic_write
 from qat.quant.recipe import Recipe
+from qat.sensitivity.width import Width
 
 
-def with_weight_bits(recipe: dict[str, Any], bits: int) -> dict[str, Any]:
-    """`recipe` with every rule's weight spec at `bits` (what the scan measures).
+def at_width(recipe: dict[str, Any], width: Width, grouped: list[str]) -> dict[str, Any]:
+    """`recipe` with every rule's weight spec at `width.bits` and, when the width has a group
+    size, the per-group layers `grouped` at that size (what the scan measures).
 
     Example:
         >>> r = {"rules": [{"match": {"types": ["Linear"]}, "weight": {"bits": 4}}]}
-        >>> with_weight_bits(r, 8)["rules"][0]["weight"]
-        {'bits': 8}
+        >>> at_width(r, Width(8), [])["rules"]
+        [{'match': {'types': ['Linear']}, 'weight': {'bits': 8}}]
+        >>> at_width(r, Width(2, 64), ["fc1"])["rules"][1]
+        {'match': {'names': ['fc1']}, 'weight': {'group_size': 64}}
     """
     out = copy.deepcopy(recipe)
     for rule in out.get("rules", []):
         if isinstance(rule.get("weight"), dict):
-            rule["weight"]["bits"] = bits
+            rule["weight"]["bits"] = width.bits
+    if width.group_size and grouped:  # a later rule overrides an earlier one field by field
+        out["rules"].append({"match": {"names": sorted(grouped)},
+                             "weight": {"group_size": width.group_size}})  # fmt: skip
     return out
 
 
-def mixed_recipe(base: dict[str, Any], bits: dict[str, int], description: str) -> dict[str, Any]:
-    """`base` plus one rule per width in `bits` (layer name -> width), checked as a recipe.
+def mixed_recipe(base: dict[str, Any], widths: dict[str, Width], grouped: set[str],
+                 description: str) -> dict[str, Any]:  # fmt: skip
+    """`base` plus one rule per format in `widths` (layer name -> width; the per-group layers
+    `grouped` also take its group size), checked as a recipe.
 
     Example:
         >>> r = {"rules": [{"match": {"types": ["Linear"]}, "weight": {"bits": 4}}]}
-        >>> mixed_recipe(r, {"fc2": 8, "fc1": 3, "fc3": 3}, "mixed")["rules"][1:]
+        >>> mixed_recipe(r, {"fc2": Width(8), "fc1": Width(3), "fc3": Width(3)}, set(),
+        ...              "mixed")["rules"][1:]
         [{'match': {'names': ['fc1', 'fc3']}, 'weight': {'bits': 3}}, \
 {'match': {'names': ['fc2']}, 'weight': {'bits': 8}}]
     """
     out = copy.deepcopy(base)
     out["description"] = description
-    for width in sorted(set(bits.values())):
-        names = sorted(n for n, b in bits.items() if b == width)
-        out.setdefault("rules", []).append({"match": {"names": names}, "weight": {"bits": width}})
+    rules: dict[tuple[tuple[str, int], ...], list[str]] = {}
+    for name, width in widths.items():
+        fields = width.weight(name in grouped)
+        rules.setdefault(tuple(sorted(fields.items())), []).append(name)
+    for fields, names in sorted(rules.items()):
+        out.setdefault("rules", []).append({"match": {"names": sorted(names)},
+                                            "weight": dict(fields)})  # fmt: skip
     Recipe.from_dict(out)  # the written file must read back
     return out
 

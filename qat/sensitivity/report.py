@@ -8,12 +8,13 @@ from pathlib import Path
 
 from qat.io import atomic_path, atomic_write
 from qat.sensitivity.scan import Group
+from qat.sensitivity.width import Width
 
 
-def _rows(groups: list[Group], chosen: dict[str, int]) -> tuple[list[str], list[list[str]]]:
+def _rows(groups: list[Group], chosen: dict[str, Width]) -> tuple[list[str], list[list[str]]]:
     widths = sorted(groups[0].bytes)
     head = ["group", "layers", "weights"]
-    head += [f"d@{b}b" for b in widths] + [f"sqnr@{b}b" for b in widths] + ["chosen"]
+    head += [f"d@{w}" for w in widths] + [f"sqnr@{w}" for w in widths] + ["chosen"]
     rows = []
     for g in groups:
         rows.append([g.name, str(len(g.layers)), str(g.weights)]
@@ -22,9 +23,10 @@ def _rows(groups: list[Group], chosen: dict[str, int]) -> tuple[list[str], list[
     return head, rows
 
 
-def write_tables(groups: list[Group], chosen: dict[str, int], out_dir: Path) -> list[Path]:
+def write_tables(groups: list[Group], chosen: dict[str, Width], out_dir: Path) -> list[Path]:
     """`sensitivity.md` and `sensitivity.csv` in `out_dir`: per group its measured cost
-    (`d@Nb`) and weight SQNR in dB at each width, and the width chosen."""
+    (`d@4`, `d@3g64`: bits, group size) and weight SQNR in dB at each width, and the width
+    chosen."""
     head, rows = _rows(groups, chosen)
     md = "| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n"
     md += "".join("| " + " | ".join(r) + " |\n" for r in rows)
@@ -35,7 +37,7 @@ def write_tables(groups: list[Group], chosen: dict[str, int], out_dir: Path) -> 
                          "table")]  # fmt: skip
 
 
-def write_plot(groups: list[Group], chosen: dict[str, int], path: Path, what: str) -> Path | None:
+def write_plot(groups: list[Group], chosen: dict[str, Width], path: Path, what: str) -> Path | None:
     """Per group the cost at each width (log scale), the chosen width marked; None when
     matplotlib is not installed."""
     try:
@@ -48,8 +50,9 @@ def write_plot(groups: list[Group], chosen: dict[str, int], path: Path, what: st
     widths = sorted(groups[0].bytes)
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(groups)), 4))
     x = range(len(groups))
-    for b in widths:
-        ax.plot(x, [max(g.delta[b], 1e-6) for g in groups], marker="o", label=f"{b} bits")
+    for w in widths:
+        label = f"{w.bits} bits" + (f", groups of {w.group_size}" if w.group_size else "")
+        ax.plot(x, [max(g.delta[w], 1e-6) for g in groups], marker="o", label=label)
     ax.scatter(x, [max(g.delta[chosen[g.name]], 1e-6) for g in groups], s=120,
                facecolors="none", edgecolors="black", label="chosen")  # fmt: skip
     ax.set_yscale("log")

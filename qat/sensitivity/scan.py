@@ -1,10 +1,10 @@
 """Measure what quantizing each group of layers costs, one group at a time.
 
-For each candidate bit width the caller passes the model prepared with the recipe at that
-width (every weight spec's `bits` replaced) and calibrated. All fake quant is switched off, so
-the model computes in float; then each group's weight quantizers are switched on alone and
-the model is evaluated. Activations stay float during the scan: it ranks weights, and the
-written recipe keeps the base recipe's activation specs.
+For each candidate width (bits, and optionally a group size) the caller passes the model
+prepared with the recipe at that width and calibrated. All fake quant is switched off, so the
+model computes in float; then each group's weight quantizers are switched on alone and the
+model is evaluated. Activations stay float during the scan: it ranks weights, and the written
+recipe keeps the base recipe's activation specs.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from torch import nn
 from qat.export.integer.packing import weight_bytes
 from qat.quant.control import disable_fake_quant
 from qat.quant.modules import QATMixin
+from qat.sensitivity.width import Width
 
 MEASURES = ("loss", "kl", "sqnr")
 
@@ -31,9 +32,9 @@ class Group:
     name: str
     layers: list[str]
     weights: int
-    bytes: dict[int, int] = field(default_factory=dict)
-    sqnr: dict[int, float] = field(default_factory=dict)
-    delta: dict[int, float] = field(default_factory=dict)
+    bytes: dict[Width, int] = field(default_factory=dict)
+    sqnr: dict[Width, float] = field(default_factory=dict)
+    delta: dict[Width, float] = field(default_factory=dict)
 
 
 def group_name(layer: str, by: str) -> str:
@@ -73,7 +74,7 @@ def _switch(mods: list[QATMixin], on: bool) -> None:
 
 @torch.no_grad()
 def scan(
-    models: dict[int, nn.Module],
+    models: dict[Width, nn.Module],
     layers: list[str],
     evaluate: Callable[[nn.Module], float],
     by: str = "layer",
@@ -81,7 +82,7 @@ def scan(
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[float, list[Group]]:
     """The float loss and, per group of `layers`, each width's bytes, SQNR and cost.
-    `models[bits]` is the calibrated model at `bits`; `evaluate(model)` its validation loss.
+    `models[width]` is the calibrated model at `width`; `evaluate(model)` its validation loss.
 
     Example:
         >>> import qat
@@ -92,10 +93,12 @@ def scan(
         ...     _ = qat.quant.calibrate(m, [torch.randn(8, 16)], num_batches=1)
         ...     return m
         >>> x = torch.randn(32, 16, generator=torch.Generator().manual_seed(0))
-        >>> base, groups = scan({2: at(2), 8: at(8)}, ["0", "1"], lambda m: m(x).square().mean())
-        >>> [g.bytes for g in groups]
-        [{2: 68, 8: 260}, {2: 20, 8: 68}]
-        >>> all(abs(g.delta[8]) < abs(g.delta[2]) for g in groups)
+        >>> two, eight = Width(2), Width(8)
+        >>> models = {two: at(2), eight: at(8)}
+        >>> base, groups = scan(models, ["0", "1"], lambda m: m(x).square().mean())
+        >>> [list(g.bytes.values()) for g in groups]
+        [[68, 260], [20, 68]]
+        >>> all(abs(g.delta[eight]) < abs(g.delta[two]) for g in groups)
         True
     """
     if measure not in MEASURES:
@@ -111,17 +114,17 @@ def scan(
     groups, done, steps = [], 0, len(names) * len(models)
     for name, members in names.items():
         g = Group(name, members, sum(m.weight.numel() for m in _weights(any_model, members)))
-        for bits, model in sorted(models.items()):
+        for width, model in sorted(models.items()):
             mods = _weights(model, members)
-            g.bytes[bits] = sum(weight_bytes(m.weight_quant.spec, tuple(m.weight.shape))
+            g.bytes[width] = sum(weight_bytes(m.weight_quant.spec, tuple(m.weight.shape))
                                 for m in mods)  # fmt: skip
             _switch(mods, True)
             signal, noise = map(sum, zip(*(_sqnr(m) for m in mods), strict=True))
-            g.sqnr[bits] = 10 * torch.log10(torch.tensor(signal / max(noise, 1e-30))).item()
+            g.sqnr[width] = 10 * torch.log10(torch.tensor(signal / max(noise, 1e-30))).item()
             if measure != "sqnr":  # the loss, or the KL from the float outputs
-                g.delta[bits] = float(evaluate(model)) - base
+                g.delta[width] = float(evaluate(model)) - base
             else:  # noise-to-signal weighted by the group's share of the weights
-                g.delta[bits] = noise / max(signal, 1e-30) * g.weights / total
+                g.delta[width] = noise / max(signal, 1e-30) * g.weights / total
             _switch(mods, False)
             done += 1
             if progress is not None:

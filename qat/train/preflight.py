@@ -257,7 +257,7 @@ def _train_job(cfg: DictConfig, base: dict[str, Any]) -> Job:
         raise ValueError("task=ptq quantizes a float model: drop ckpt_path (init_from=<float "
                          "checkpoint> starts from a trained float model)")
     if command == "sensitivity":
-        _check_sensitivity(cfg, resume, recipe)
+        _check_sensitivity(cfg, resume, recipe, plan)
     job = Job(cfg, command, plan=plan, resume=resume, init_from=init_from, **base)
     if weight_method(job) == "gptq" and command != "sensitivity":
         if "ptq" not in cfg:
@@ -269,7 +269,8 @@ def _train_job(cfg: DictConfig, base: dict[str, Any]) -> Job:
     return job
 
 
-def _check_sensitivity(cfg: DictConfig, resume: Checkpoint | None, recipe: Recipe) -> None:
+def _check_sensitivity(cfg: DictConfig, resume: Checkpoint | None, recipe: Recipe,
+                       plan: Plan) -> None:  # fmt: skip
     sens = cfg.get("sensitivity")
     if sens is None:
         raise ValueError("task=sensitivity needs the sensitivity config group: add "
@@ -292,6 +293,16 @@ def _check_sensitivity(cfg: DictConfig, resume: Checkpoint | None, recipe: Recip
                          "budget_mib, budget_uniform_bits (e.g. 4: the size with every scanned "
                          "weight at 4 bits), budget_recipe=true (the size the recipe itself "
                          f"gives them); got {budgets or 'none'}")
+    sizes = list(sens.get("group_sizes") or [])
+    if sizes and (not all(isinstance(g, int) and not isinstance(g, bool) and g >= 1
+                          for g in sizes) or len(set(sizes)) != len(sizes)):  # fmt: skip
+        raise ValueError(f"sensitivity.group_sizes: got {sizes!r}; allowed: null or distinct "
+                         "positive integers, e.g. [32, 64]")
+    if sizes and not any(lp.specs["weight"].granularity == "per_group"
+                         for lp in plan.quantized() if lp.specs.get("weight")):  # fmt: skip
+        raise ValueError(f"sensitivity.group_sizes: recipe={cfg.get('recipe_name')} has no "
+                         "per_group weights to vary the group size of: set it to null, or "
+                         "scan a per-group recipe (e.g. recipe=w4g32)")
     uniform = sens.get("budget_uniform_bits")
     if uniform is not None and uniform not in bits:
         raise ValueError(f"sensitivity.budget_uniform_bits: got {uniform!r}; allowed: one of "

@@ -9,6 +9,7 @@ Under DDP every rank trains; rank 0 alone evaluates, exports and reports.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from functools import partial
 from itertools import islice
@@ -25,9 +26,9 @@ from qat.export.integer.packing import weight_bytes
 from qat.io import write_json
 from qat.ptq import GPTQConfig, apply_gptq
 from qat.quant.calibrate import calibrate
-from qat.sensitivity import mixed_recipe, scan, write_recipe
+from qat.sensitivity import Width, candidates, mixed_recipe, scan, write_recipe
 from qat.sensitivity.choice import Choice
-from qat.sensitivity.mixed_recipe import with_weight_bits
+from qat.sensitivity.mixed_recipe import at_width
 from qat.sensitivity.report import write_plot, write_tables
 from qat.train.artifacts import export_trained, float_model_of, model_from_checkpoint
 from qat.train.callbacks import QATScheduleCallback
@@ -218,30 +219,38 @@ def _validation_loss(job: Job, batches: list, teacher: torch.nn.Module, measure:
     return loss
 
 
+def _weight_specs(job: Job) -> dict[str, Any]:
+    """Scanned layer -> the weight spec the recipe gives it."""
+    return {lp.name: lp.specs["weight"] for lp in job.plan.quantized() if lp.specs.get("weight")}
+
+
 def _budget(sens: DictConfig, groups: list, job: Job, model: torch.nn.Module) -> float:
     """The budget in artifact bytes of the scanned weights, from whichever key is set."""
-    if sens.get("budget_recipe"):  # each scanned weight at the width the recipe gives it
-        mods = dict(model.named_modules())
-        return float(sum(weight_bytes(lp.specs["weight"], tuple(mods[lp.name].weight.shape))
-                         for lp in job.plan.quantized() if lp.specs.get("weight")))  # fmt: skip
-    if sens.get("budget_uniform_bits") is not None:
-        return float(sum(g.bytes[int(sens.budget_uniform_bits)] for g in groups))
+    if sens.get("budget_recipe") or sens.get("budget_uniform_bits") is not None:
+        # each scanned weight as the recipe gives it, or at that width with the rest kept
+        mods, bits = dict(model.named_modules()), sens.get("budget_uniform_bits")
+        return float(sum(weight_bytes(spec if bits is None else
+                                      dataclasses.replace(spec, bits=int(bits)),
+                                      tuple(mods[name].weight.shape))
+                         for name, spec in _weight_specs(job).items()))  # fmt: skip
     if sens.get("budget_mib") is not None:
         return float(sens.budget_mib) * 2**20
     return float(sens.budget_bits_per_weight) * sum(g.weights for g in groups) / 8
 
 
-def _recipe_widths(groups: list, job: Job) -> dict[str, int] | None:
+def _recipe_widths(groups: list, job: Job, sizes: list[int]) -> dict[str, Width] | None:
     """Group -> the width the recipe itself gives it, to set beside the mixed choice; None
-    when a group's layers differ in width or one is not a candidate."""
-    bits = {lp.name: lp.specs["weight"].bits for lp in job.plan.quantized()
-            if lp.specs.get("weight")}  # fmt: skip
+    when a group's layers differ in width or one is not a candidate. With candidate group
+    `sizes`, a layer that is not per-group measures the same at each, so it takes the first."""
+    own = {name: Width(spec.bits, (spec.group_size if spec.granularity == "per_group"
+                                   else sizes[0]) if sizes else 0)
+           for name, spec in _weight_specs(job).items()}  # fmt: skip
     out = {}
     for g in groups:
-        widths = {bits[n] for n in g.layers}
-        if len(widths) != 1 or (b := widths.pop()) not in g.delta:
+        widths = {own[n] for n in g.layers}
+        if len(widths) != 1 or (w := widths.pop()) not in g.delta:
             return None
-        out[g.name] = b
+        out[g.name] = w
     return out
 
 
@@ -256,16 +265,19 @@ def sensitivity_command(job: Job) -> dict[str, Any]:
     cal = list(islice(dm.train_dataloader(), int(sens.calibration_batches)))
     forward = lambda m, b: model_forward(job.objective, m, b)  # noqa: E731
     base = OmegaConf.to_container(cfg.recipe, resolve=True)  # as the user wrote it
+    specs, sizes = _weight_specs(job), list(sens.get("group_sizes") or [])
+    grouped = {name for name, spec in specs.items() if spec.granularity == "per_group"}
     models = {}
-    for bits in sorted(sens.bits):
+    for width in candidates(list(sens.bits), sizes):
         try:
-            model = qat.prepare(copy.deepcopy(float_model), with_weight_bits(base, int(bits)))
+            model = qat.prepare(copy.deepcopy(float_model), at_width(base, width, grouped))
         except ValueError as e:
-            raise ValueError(f"sensitivity.bits: {bits}-bit weights do not fit recipe="
-                             f"{cfg.get('recipe_name')}: {e}") from None  # fmt: skip
+            raise ValueError(f"sensitivity: {width.bits}-bit weights"
+                             + (f" in groups of {width.group_size}" if width.group_size else "")
+                             + f" do not fit recipe={cfg.get('recipe_name')}: {e}") from None
         calibrate(model, cal, len(cal), forward=forward)
-        models[int(bits)] = model
-    layers = [lp.name for lp in job.plan.quantized() if lp.specs.get("weight") is not None]
+        models[width] = model
+    layers = list(specs)
     show = bool(cfg.trainer.get("enable_progress_bar", True))
     start = time.perf_counter()
     with step_bar("sensitivity", show) as advance:
@@ -278,11 +290,12 @@ def sensitivity_command(job: Job) -> dict[str, Any]:
     except ValueError as e:
         raise ValueError(f"sensitivity: {e}") from None
     path = Path(sens.out) if sens.out else job.out_dir / "mixed_recipe.yaml"
-    recipe = mixed_recipe(base, choice.layer_bits(), choice.description())
+    recipe = mixed_recipe(base, choice.layer_widths(), grouped, choice.description())
     header = [
         "Written by `python train.py task=sensitivity` "
         f"(recipe={cfg.get('recipe_name')}, model={job.model.builder}, seed={cfg.seed}).",
-        f"Each {sens.group_by}'s weights quantized alone at {sorted(models)} bits, the rest float "
+        f"Each {sens.group_by}'s weights quantized alone at {'/'.join(map(str, sorted(models)))}"
+        f" bits{' (NgM: groups of M)' if sizes else ''}, the rest float "
         f"({sens.measure} on {len(val)} validation batches; float loss {loss0:.4f}),",
         f"then a knapsack for the budget {budget / 2**20:.4f} MiB "
         f"({choice.bits_per_weight(budget):.3f} bits per scanned weight, scales included):",
@@ -296,22 +309,23 @@ def sensitivity_command(job: Job) -> dict[str, Any]:
                       f"{sens.measure} change")  # fmt: skip
     if plot is not None:
         files["plot"] = str(plot)
-    uniform, widths = choice.uniform(), _recipe_widths(groups, job)
+    uniform, widths = choice.uniform(), _recipe_widths(groups, job, sizes)
     own, parts = None, [f"mixed {choice.bits_per_weight():.3f} bits/weight +{choice.predicted:.4g}"]
     if widths:
         n, d = choice.at(widths)
         own = {"size_bytes": n, "predicted_change": d}
         parts.append(f"recipe {choice.bits_per_weight(n):.3f} +{d:.4g}")
-    parts.append("uniform " + ", ".join(f"{b}b {choice.bits_per_weight(n):.3f} +{d:.4g}"
-                                        for b, (n, d) in uniform.items()))  # fmt: skip
+    parts.append("uniform " + ", ".join(f"{w}: {choice.bits_per_weight(n):.3f} +{d:.4g}"
+                                        for w, (n, d) in uniform.items()))  # fmt: skip
     say(f"sensitivity: {len(groups)} groups x {len(models)} widths in "
         f"{time.perf_counter() - start:.1f} s; " + "; ".join(parts))
     summary = {"float": results, "float_checkpoint": float_ckpt, "float_loss": loss0,
                "budget_bytes": budget, "size_bytes": choice.size,
                "predicted_change": choice.predicted, "weights": choice.weights,
-               "chosen": choice.widths, "files": files, "recipe_widths": own,
-               "uniform": {str(b): {"size_bytes": n, "predicted_change": d}
-                           for b, (n, d) in uniform.items()}}  # fmt: skip
+               "chosen": {g: str(w) for g, w in choice.widths.items()}, "files": files,
+               "recipe_widths": own,
+               "uniform": {str(w): {"size_bytes": n, "predicted_change": d}
+                           for w, (n, d) in uniform.items()}}  # fmt: skip
     files["summary"] = str(write_json(job.out_dir / "sensitivity.json", summary))
     print_summary({}, job.objective, files)
     return summary

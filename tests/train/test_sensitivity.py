@@ -10,7 +10,11 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
+from qat.export.integer.packing import weight_bytes
 from qat.quant.recipe import Recipe
+from qat.sensitivity.scan import group_name
+from qat.train.checkpoint import Checkpoint
+from qat.train.model_spec import ModelSpec
 from qat.train.preflight import preflight
 from qat.train.run import run
 from tests.train.conftest import compose_run_config
@@ -84,6 +88,32 @@ def test_the_recipe_budget_is_the_size_of_the_recipes_own_widths(tmp_path, data_
     assert s["predicted_change"] <= s["recipe_widths"]["predicted_change"] + 1e-9
 
 
+def test_candidate_group_sizes_trade_scale_bytes_for_bits(tmp_path, data_dir):
+    """`group_sizes=[32,64]`: each width is scanned at both group sizes, the budget of every
+    weight at 2 bits in the recipe's groups of 32 can buy 3 bits in groups of 64 for some,
+    and the written recipe gives every layer exactly the chosen bits and group size: its
+    planned bytes are the knapsack's."""
+    cfg = compose_run_config(tmp_path, data_dir, GPT + SCAN + [
+        "sensitivity.bits=[2,3]", "sensitivity.group_sizes=[32,64]",
+        "sensitivity.budget_uniform_bits=2"])  # fmt: skip
+    s = run(cfg)
+    assert set(s["uniform"]) == {"2g32", "2g64", "3g32", "3g64"}
+    assert s["budget_bytes"] == s["uniform"]["2g32"]["size_bytes"] >= s["size_bytes"]
+    assert s["predicted_change"] <= s["uniform"]["2g32"]["predicted_change"] + 1e-9
+    assert s["uniform"]["2g64"]["size_bytes"] < s["budget_bytes"]  # coarser groups: fewer scales
+    assert s["recipe_widths"] is None  # the recipe's 4 bits are not a candidate
+    job = preflight(compose_run_config(tmp_path, data_dir, GPT + [
+        f"recipe={s['files']['recipe']}"], name="mixed"))  # fmt: skip
+    meta = Checkpoint.open(s["float_checkpoint"], "the scan's float checkpoint").meta
+    mods = dict(ModelSpec(**job.model.matching(meta)).build().named_modules())  # its vocab
+    planned = 0
+    for lp in job.plan.quantized():
+        w = lp.specs["weight"]
+        assert f"{w.bits}g{w.group_size}" == s["chosen"][group_name(lp.name, "block")]
+        planned += weight_bytes(w, tuple(mods[lp.name].weight.shape))
+    assert planned == s["size_bytes"]
+
+
 @pytest.mark.parametrize("extra, message", [
     (["sensitivity.bits=[4,9]"], r"sensitivity.bits: got \[4, 9\]; allowed: distinct integers"),
     ([], "set exactly one of budget_bits_per_weight"),
@@ -91,6 +121,9 @@ def test_the_recipe_budget_is_the_size_of_the_recipes_own_widths(tmp_path, data_
     (["sensitivity.budget_recipe=true", "sensitivity.budget_mib=1"], "got .*budget_recipe"),
     (["sensitivity.budget_uniform_bits=3"], "budget_uniform_bits: got 3; allowed: one of"),
     (["sensitivity.budget_mib=1", "recipe=fp32"], "quantizes nothing: task=sensitivity"),
+    (["sensitivity.budget_mib=1", "sensitivity.group_sizes=[32,32]"], "group_sizes: got"),
+    (["sensitivity.budget_mib=1", "sensitivity.group_sizes=[32]", "recipe=w8a8"],
+     "recipe=w8a8 has no per_group weights"),
 ])  # fmt: skip
 def test_bad_scans_are_refused_before_any_data_loads(tmp_path, data_dir, extra, message):
     cfg = compose_run_config(tmp_path, data_dir, GPT + SCAN + extra)
