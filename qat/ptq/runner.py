@@ -34,6 +34,7 @@ from qat.quant import grid
 from qat.quant.bn_fold import QATConvBn2d
 from qat.quant.control import disable_fake_quant, enable_fake_quant
 from qat.quant.modules import QATConv2d, QATLinear, QATMixin
+from qat.quant.tokens import real_tokens
 
 Forward = Callable[[nn.Module, Any], Any]
 TokenMask = Callable[[Any], torch.Tensor | None]  # a batch's (B, T) real-token mask, or None
@@ -104,10 +105,9 @@ def _real_rows(mod: QATMixin, x: torch.Tensor, mask: torch.Tensor | None) -> tor
     """`layer_rows`, less the padded positions when `x` is laid out (B, T, features) like
     `mask`: a padded token's input never reaches the output, so it must not weigh on the
     Hessian."""
-    rows = layer_rows(mod, x)
-    if mask is None or x.dim() != 3 or x.shape[:2] != mask.shape or isinstance(mod, QATConv2d):
-        return rows
-    return rows[mask.reshape(-1).to(torch.bool)]
+    if isinstance(mod, QATConv2d):  # (B, C, H, W): no tokens
+        return layer_rows(mod, x)
+    return layer_rows(mod, real_tokens(x, mask))
 
 
 def _measure(run: Callable[[Any], Any], items: list, layers: dict[str, QATMixin], stop: bool,

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from qat.quant.control import quantizers
+from qat.quant.tokens import observe_real_tokens
 
 
 @torch.no_grad()
@@ -17,8 +18,11 @@ def calibrate(
     batches: Iterable[Any],
     num_batches: int,
     forward: Callable[[nn.Module, Any], Any] | None = None,
+    token_mask: Callable[[Any], torch.Tensor | None] | None = None,
 ) -> int:
     """Run up to `num_batches` batches in eval mode with observers on and fake quant off.
+    `token_mask(batch)`, for padded batches, gives the (B, T) mask of real tokens: activation
+    observers see only those (`observe_real_tokens`).
 
     Static quantizers (and learned ones, which take their initial scale from the observer)
     end up calibrated; fake quant is switched on afterwards. Returns the batches used.
@@ -42,7 +46,8 @@ def calibrate(
     for batch in batches:
         if used >= num_batches:
             break
-        forward(model, batch)
+        with observe_real_tokens(model, token_mask(batch) if token_mask else None):
+            forward(model, batch)
         used += 1
         if used == 1:  # weights do not change while calibrating: one look is enough
             for q in qs:

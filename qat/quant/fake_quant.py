@@ -167,6 +167,13 @@ class FakeQuantizer(nn.Module):
     def learned(self) -> bool:
         return self.spec.learn != "none"
 
+    def takes_observations(self) -> bool:
+        """Whether a forward now updates the observer, when it is enabled: in training mode
+        only (validation batches must not move scales), and a learned scale only until it is
+        calibrated and fake quant is on (then the optimizer owns it)."""
+        owned_by_optimizer = self.learned and self.fake_quant_enabled and self.calibrated
+        return self.training and not bool(owned_by_optimizer)
+
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
         """Update the observer and the scales from `x` (no fake quant)."""
@@ -228,9 +235,7 @@ class FakeQuantizer(nn.Module):
                 return _ste(x, grid.dequantize(q, s, z, spec).to(x.dtype))
             s, z = grid.dynamic_qparams(x, spec)
             return fake_quantize(x, s, None if spec.symmetric else z, spec)
-        owned_by_optimizer = self.learned and self.fake_quant_enabled and self.calibrated
-        # Observers learn from training data only: validation batches must not move scales.
-        if self.observer_enabled and self.training and not owned_by_optimizer:
+        if self.observer_enabled and self.takes_observations():
             self.observe(x)
         if not self.fake_quant_enabled:
             return x

@@ -15,8 +15,15 @@ from torch import nn
 from qat.models.hf import enable_activation_checkpointing
 from qat.quant import FakeQuantizer, quantizers
 from qat.quant.float_view import float_view
+from qat.quant.tokens import observe_real_tokens
 from qat.train.checkpoint import check_meta
-from qat.train.objectives import ObjectiveMetrics, check_objective, model_forward, objective_loss
+from qat.train.objectives import (
+    ObjectiveMetrics,
+    check_objective,
+    model_forward,
+    objective_loss,
+    token_mask,
+)
 from qat.train.sharding import shard
 
 
@@ -176,7 +183,9 @@ class QATModule(L.LightningModule):
             return model_forward(self.objective, self.teacher.to(self.device), batch)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        out = self(batch)
+        # Observers still updating (before freeze_observers) see the real tokens only.
+        with observe_real_tokens(self.model, token_mask(self.objective, batch)):
+            out = self(batch)
         loss = objective_loss(
             self.objective,
             out,

@@ -123,14 +123,14 @@ def quantize_start(job: Job, model: torch.nn.Module, dm: Any) -> None:
     if method == "gptq":  # GPTQ runs the batches again, stage by stage
         batches = list(islice(batches, n_cal))
     forward = lambda m, b: model_forward(job.objective, m, b)  # noqa: E731
-    calibrate(model, calibration_batches(batches, n_cal, show), n_cal, forward=forward)
+    mask = partial(token_mask, job.objective)
+    calibrate(model, calibration_batches(batches, n_cal, show), n_cal, forward, mask)
     if method == "gptq":
         start = time.perf_counter()
         gptq = GPTQConfig(float(cfg.ptq.percdamp), int(cfg.ptq.block_size),
                           bool(cfg.ptq.act_order), bool(cfg.ptq.sequential))  # fmt: skip
         with step_bar("GPTQ", show) as advance:
-            report = apply_gptq(model, batches, gptq, forward, advance,
-                                token_mask=partial(token_mask, job.objective))
+            report = apply_gptq(model, batches, gptq, forward, advance, token_mask=mask)
         if is_rank_zero():
             say(f"{report.summary()}, in {time.perf_counter() - start:.1f} s")
 
@@ -275,7 +275,7 @@ def sensitivity_command(job: Job) -> dict[str, Any]:
             raise ValueError(f"sensitivity: {width.bits}-bit weights"
                              + (f" in groups of {width.group_size}" if width.group_size else "")
                              + f" do not fit recipe={cfg.get('recipe_name')}: {e}") from None
-        calibrate(model, cal, len(cal), forward=forward)
+        calibrate(model, cal, len(cal), forward, partial(token_mask, job.objective))
         models[width] = model
     layers = list(specs)
     show = bool(cfg.trainer.get("enable_progress_bar", True))
