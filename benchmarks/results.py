@@ -115,8 +115,13 @@ def main() -> None:
     ap.add_argument("--group-sizes", type=int, nargs="+", metavar="N",
                     help="with --mixed, also scan these group sizes of per-group weights "
                          "(sensitivity.group_sizes)")
+    ap.add_argument("--scan-activations", choices=["float", "recipe"], default="float",
+                    help="the scan's activations (sensitivity.activations)")
     ap.add_argument("--measure", choices=["loss", "kl", "sqnr"], default="loss",
                     help="what the sensitivity scan measures (sensitivity.measure)")
+    ap.add_argument("--from", dest="merge", type=Path, nargs="+", metavar="CSV",
+                    help="run nothing: write the table and plot of these CSVs' rows (from runs "
+                         "made side by side), a seed's float rows once")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = ap.parse_args()
     spec = TASKS[args.task]
@@ -127,7 +132,14 @@ def main() -> None:
     csv_path = args.out / f"{args.task}.csv"
     if args.append and csv_path.is_file():
         rows = [r for r in csv.DictReader(csv_path.open()) if int(r["seed"]) not in args.seeds]
-    for seed in args.seeds:
+    if args.merge:
+        seen: set[tuple[str, str, str]] = set()
+        for path in args.merge:
+            for r in csv.DictReader(path.open()):
+                if (key := (r["seed"], r["method"], r["recipe"])) not in seen:
+                    seen.add(key)
+                    rows.append(r)
+    for seed in [] if args.merge else args.seeds:
         root = args.runs_dir / args.task / f"seed{seed}"
         s = [f"seed={seed}"]
         fl = one_run(base + s + ["recipe=fp32", "trainer.max_steps=0"], root / "float")
@@ -151,8 +163,7 @@ def main() -> None:
                              root / f"qat_gptq_{recipe}")
                 rows.append(_row(seed, "QAT from GPTQ", recipe, gq["export"], gq, m))
             if args.mixed:
-                rows += _mixed_rows(base + s + init, recipe, args.mixed, args.group_sizes,
-                                    args.measure, root, seed, m)
+                rows += _mixed_rows(base + s + init, recipe, args, root, seed, m)
             _write_csv(csv_path, rows)
             done = [r for r in rows if r["seed"] == seed and r["recipe"] == recipe]
             print(f"[{args.task}] seed {seed} {recipe}: "
@@ -165,18 +176,22 @@ def main() -> None:
     plot_methods(rows, args.task, args.out / f"{args.task}_vs_size.png")
 
 
-def _mixed_rows(base, recipe, widths, sizes, measure, root, seed, m) -> list[dict[str, Any]]:
-    """Scan at `widths` (and group `sizes`) by `measure`, budget = the size the recipe gives
-    the scanned weights (its first and last layers at 8 bits, say), then PTQ and QAT with the
-    mixed recipe the scan wrote."""
+def _mixed_rows(base, recipe, args, root, seed, m) -> list[dict[str, Any]]:
+    """Scan at `args.mixed` widths (and `args.group_sizes`) by `args.measure`, budget = the
+    size the recipe gives the scanned weights (its first and last layers at 8 bits, say), then
+    PTQ and QAT with the mixed recipe the scan wrote."""
+    widths, sizes, measure = args.mixed, args.group_sizes, args.measure
     scan = ["task=sensitivity", f"sensitivity.bits=[{','.join(map(str, widths))}]",
-            "sensitivity.budget_recipe=true", f"sensitivity.measure={measure}"]
+            "sensitivity.budget_recipe=true", f"sensitivity.measure={measure}",
+            f"sensitivity.activations={args.scan_activations}"]
     label = f"{recipe} mixed {'/'.join(map(str, widths))}"
     if sizes:
         scan.append(f"sensitivity.group_sizes=[{','.join(map(str, sizes))}]")
         label += f" g{'/'.join(map(str, sizes))}"
     sens = one_run(base + [f"recipe={recipe}", *scan], root / f"sens_{recipe}")
-    mixed, label = sens["files"]["recipe"], label + ("" if measure == "loss" else f" ({measure})")
+    mixed = sens["files"]["recipe"]
+    label += "" if measure == "loss" else f" ({measure})"
+    label += ", recipe activations" if args.scan_activations == "recipe" else ""
     ptq = one_run(base + [f"recipe={mixed}", "trainer.max_steps=0"], root / f"ptq_mixed_{recipe}")
     q = one_run(base + [f"recipe={mixed}"], root / f"qat_mixed_{recipe}")
     # What the scan itself expects: the summed change of its choice and of the recipe's widths.

@@ -3,8 +3,10 @@
 For each candidate width (bits, and optionally a group size) the caller passes the model
 prepared with the recipe at that width and calibrated. All fake quant is switched off, so the
 model computes in float; then each group's weight quantizers are switched on alone and the
-model is evaluated. Activations stay float during the scan: it ranks weights, and the written
-recipe keeps the base recipe's activation specs.
+model is evaluated. Activations stay float during the scan, or with `activations` at the
+recipe's quantizers throughout (where 4-bit activations carry the error, a weight's cost beside
+them is what counts): it ranks weights, and the written recipe keeps the base recipe's
+activation specs.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from torch import nn
 
 from qat.export.integer.packing import weight_bytes
-from qat.quant.control import disable_fake_quant
+from qat.quant.control import disable_fake_quant, quantizers
 from qat.quant.modules import QATMixin
 from qat.sensitivity.width import Width
 
@@ -80,9 +82,12 @@ def scan(
     by: str = "layer",
     measure: str = "loss",
     progress: Callable[[int, int], None] | None = None,
+    activations: bool = False,
 ) -> tuple[float, list[Group]]:
     """The float loss and, per group of `layers`, each width's bytes, SQNR and cost.
     `models[width]` is the calibrated model at `width`; `evaluate(model)` its validation loss.
+    `activations`: the recipe's activation quantizers stay on throughout, so a group costs
+    what its weights add beside them (the float loss is then the activations-only loss).
 
     Example:
         >>> import qat
@@ -108,6 +113,8 @@ def scan(
         names.setdefault(group_name(layer, by), []).append(layer)
     for m in models.values():
         m.eval().apply(disable_fake_quant)
+        for q in quantizers(m).values() if activations else ():
+            q.fake_quant_enabled.fill_(q.role != "weight")
     any_model = next(iter(models.values()))
     base = float(evaluate(any_model)) if measure != "sqnr" else 0.0
     total = sum(m.weight.numel() for m in _weights(any_model, layers))

@@ -293,6 +293,9 @@ def _check_sensitivity(cfg: DictConfig, resume: Checkpoint | None, recipe: Recip
                          "budget_mib, budget_uniform_bits (e.g. 4: the size with every scanned "
                          "weight at 4 bits), budget_recipe=true (the size the recipe itself "
                          f"gives them); got {budgets or 'none'}")
+    if sens.get("activations", "float") not in ("float", "recipe"):
+        raise ValueError(f"sensitivity.activations: got {sens.activations!r}; allowed: float, "
+                         "recipe")
     sizes = list(sens.get("group_sizes") or [])
     if sizes and (not all(isinstance(g, int) and not isinstance(g, bool) and g >= 1
                           for g in sizes) or len(set(sizes)) != len(sizes)):  # fmt: skip

@@ -283,7 +283,8 @@ def sensitivity_command(job: Job) -> dict[str, Any]:
     with step_bar("sensitivity", show) as advance:
         measure = str(sens.measure)
         loss0, groups = scan(models, layers, _validation_loss(job, val, float_model, measure),
-                             str(sens.group_by), measure, advance)  # fmt: skip
+                             str(sens.group_by), measure, advance,
+                             activations=sens.get("activations", "float") == "recipe")
     budget = _budget(sens, groups, job, float_model)
     try:
         choice = Choice.under(groups, budget)
@@ -296,7 +297,8 @@ def sensitivity_command(job: Job) -> dict[str, Any]:
         f"(recipe={cfg.get('recipe_name')}, model={job.model.builder}, seed={cfg.seed}).",
         f"Each {sens.group_by}'s weights quantized alone at {'/'.join(map(str, sorted(models)))}"
         f" bits{' (NgM: groups of M)' if sizes else ''}, the rest float "
-        f"({sens.measure} on {len(val)} validation batches; float loss {loss0:.4f}),",
+        f"({sens.measure} on {len(val)} validation batches; with float weights and "
+        f"{sens.get('activations', 'float')} activations {loss0:.4f}),",
         f"then a knapsack for the budget {budget / 2**20:.4f} MiB "
         f"({choice.bits_per_weight(budget):.3f} bits per scanned weight, scales included):",
         f"chosen {choice.size / 2**20:.4f} MiB ({choice.bits_per_weight():.3f} bits per "
@@ -319,7 +321,7 @@ def sensitivity_command(job: Job) -> dict[str, Any]:
                                         for w, (n, d) in uniform.items()))  # fmt: skip
     say(f"sensitivity: {len(groups)} groups x {len(models)} widths in "
         f"{time.perf_counter() - start:.1f} s; " + "; ".join(parts))
-    summary = {"float": results, "float_checkpoint": float_ckpt, "float_loss": loss0,
+    summary = {"float": results, "float_checkpoint": float_ckpt, "base_loss": loss0,
                "budget_bytes": budget, "size_bytes": choice.size,
                "predicted_change": choice.predicted, "weights": choice.weights,
                "chosen": {g: str(w) for g, w in choice.widths.items()}, "files": files,

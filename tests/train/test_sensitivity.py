@@ -70,11 +70,24 @@ def test_the_kl_measure_is_zero_for_the_float_model_and_grows_as_bits_shrink(tmp
         "sensitivity.measure=kl", "sensitivity.bits=[2,8]", "sensitivity.group_by=block",
         "sensitivity.budget_uniform_bits=8"])  # fmt: skip
     s = run(cfg)
-    assert s["float_loss"] == pytest.approx(0.0, abs=1e-6)
+    assert s["base_loss"] == pytest.approx(0.0, abs=1e-6)  # float weights and activations
     table = Path(s["files"]["csv"]).read_text().splitlines()
     assert len(table) == 4  # a header, blocks.0, blocks.1, lm_head
     assert s["uniform"]["2"]["predicted_change"] > s["uniform"]["8"]["predicted_change"] > 0
     assert s["budget_bytes"] == s["uniform"]["8"]["size_bytes"]
+
+
+def test_a_scan_beside_the_recipes_activations_measures_from_their_loss(tmp_path, data_dir):
+    """`activations=recipe`: the recipe's activation quantizers (here int4 dynamic) stay on,
+    so the base the groups are measured from is their own KL from the float model, not zero."""
+    cfg = compose_run_config(tmp_path, data_dir, GPT + SCAN[:-1] + [
+        "sensitivity.measure=kl", "sensitivity.bits=[2,8]", "sensitivity.group_by=block",
+        "sensitivity.budget_uniform_bits=8", "sensitivity.activations=recipe",
+        "recipe.rules.0.input.bits=4"])  # fmt: skip
+    s = run(cfg)
+    assert s["base_loss"] > 1e-4  # float activations: 0 within 1e-6
+    assert s["uniform"]["2"]["predicted_change"] > s["uniform"]["8"]["predicted_change"]
+    assert "float weights and recipe activations" in Path(s["files"]["recipe"]).read_text()
 
 
 def test_the_recipe_budget_is_the_size_of_the_recipes_own_widths(tmp_path, data_dir):
@@ -122,6 +135,7 @@ def test_candidate_group_sizes_trade_scale_bytes_for_bits(tmp_path, data_dir):
     (["sensitivity.budget_uniform_bits=3"], "budget_uniform_bits: got 3; allowed: one of"),
     (["sensitivity.budget_mib=1", "recipe=fp32"], "quantizes nothing: task=sensitivity"),
     (["sensitivity.budget_mib=1", "sensitivity.group_sizes=[32,32]"], "group_sizes: got"),
+    (["sensitivity.budget_mib=1", "sensitivity.activations=int8"], "activations: got 'int8'"),
     (["sensitivity.budget_mib=1", "sensitivity.group_sizes=[32]", "recipe=w8a8"],
      "recipe=w8a8 has no per_group weights"),
 ])  # fmt: skip
