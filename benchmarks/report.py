@@ -83,17 +83,27 @@ def plot_methods(rs: list[dict], task: str, path: Path) -> None:
     floats = [float(r["test"]) for r in rs if r["method"] == "float"]
     f_bytes = next(iter(sz.values()))[1]
     ax.axhline(statistics.mean(floats), color="gray", ls="--", label="float32")
-    for method, marker in MARKERS.items():
-        xs, ys, labels = [], [], []
-        for recipe, (a, _) in sz.items():
-            vals = [float(r["test"]) for r in rs if r["method"] == method and r["recipe"] == recipe]
-            if vals:
-                xs.append(a / 1024), ys.append(statistics.mean(vals)), labels.append(recipe)
-        if not xs:
-            continue
-        ax.scatter(xs, ys, marker=marker, label=method)
-        for x, y, lab in zip(xs, ys, labels, strict=True):
-            ax.annotate(lab, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    for i, (method, marker) in enumerate(MARKERS.items()):
+        for mixed in (False, True):  # the scan's recipes: hollow, and unlabelled (they sit
+            xs, ys, labels = [], [], []  # by the uniform recipe whose size they were given)
+            for recipe, (a, _) in sz.items():
+                if (" mixed " in recipe) != mixed:
+                    continue
+                vals = [float(r["test"]) for r in rs
+                        if r["method"] == method and r["recipe"] == recipe]  # fmt: skip
+                if vals:
+                    xs.append(a / 1024), ys.append(statistics.mean(vals)), labels.append(recipe)
+            if not xs:
+                continue
+            color = f"C{i}"
+            style = ({"facecolors": "none", "edgecolors": color} if mixed and marker not in "x+"
+                     else {"color": color})  # fmt: skip
+            ax.scatter(xs, ys, marker=marker, label=method + (", mixed" if mixed else ""),
+                       alpha=0.6 if mixed and marker in "x+" else 1.0, **style)  # fmt: skip
+            for x, y, lab in zip(xs, ys, labels, strict=True):
+                if not mixed:
+                    ax.annotate(lab, (x, y), fontsize=6, xytext=(3, 3),
+                                textcoords="offset points")  # fmt: skip
     ax.scatter([f_bytes / 1024], [statistics.mean(floats)], color="gray")
     ax.set_xscale("log")
     ax.set_xlabel("artifact size (KiB, log)")

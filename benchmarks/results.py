@@ -13,6 +13,10 @@ Mean and std over seeds.
         --out benchmarks/results/gptq
     .venv/bin/python benchmarks/results.py --task shakespeare --recipes w4g32 --gptq \
         --mixed 3 4 8 --out benchmarks/results/pareto   # every method on one chart
+    .venv/bin/python benchmarks/results.py --task shakespeare --recipes w2g32 --mixed 2 3 4 8 \
+        --group-sizes 32 64 --measure kl --out /tmp/w2   # mixed widths and group sizes
+    .venv/bin/python benchmarks/results.py --task shakespeare --from /tmp/w2/shakespeare.csv \
+        /tmp/w3/shakespeare.csv --out benchmarks/results/groups   # merge runs made side by side
 
 Writes benchmarks/results/<task>.csv (one row per run), <task>.md (the table) and
 <task>_vs_size.png (the metric against artifact size, every method).
