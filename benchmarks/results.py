@@ -108,7 +108,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--recipes", nargs="*", help="subset of the task's recipes")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    ap.add_argument("--runs-dir", type=Path, default=ROOT / "outputs" / "benchmarks")
+    ap.add_argument("--runs-dir", type=Path,
+                    help="where the runs go (default outputs/benchmarks/<name of --out>: runs "
+                         "made side by side with different --out never share a float model)")
     ap.add_argument("--append", action="store_true",
                     help="keep the rows of other seeds already in <task>.csv")
     ap.add_argument("--gptq", action="store_true",
@@ -137,14 +139,18 @@ def main() -> None:
     if args.append and csv_path.is_file():
         rows = [r for r in csv.DictReader(csv_path.open()) if int(r["seed"]) not in args.seeds]
     if args.merge:
-        seen: set[tuple[str, str, str]] = set()
+        seen: dict[tuple[str, str, str], str] = {}
         for path in args.merge:
             for r in csv.DictReader(path.open()):
-                if (key := (r["seed"], r["method"], r["recipe"])) not in seen:
-                    seen.add(key)
+                key = (r["seed"], r["method"], r["recipe"])
+                if key not in seen:
+                    seen[key] = r["test"]
                     rows.append(r)
+                elif seen[key] != r["test"]:  # e.g. a float model trained twice, differently
+                    print(f"warning: {path}: {key} gives {r['test']}, kept {seen[key]}")
     for seed in [] if args.merge else args.seeds:
-        root = args.runs_dir / args.task / f"seed{seed}"
+        runs = args.runs_dir or ROOT / "outputs" / "benchmarks" / args.out.resolve().name
+        root = runs / args.task / f"seed{seed}"
         s = [f"seed={seed}"]
         fl = one_run(base + s + ["recipe=fp32", "trainer.max_steps=0"], root / "float")
         rows.append(_row(seed, "float", "-", fl["float"], fl, m))

@@ -34,7 +34,7 @@ from qat.quant import grid
 from qat.quant.bn_fold import QATConvBn2d
 from qat.quant.control import disable_fake_quant, enable_fake_quant
 from qat.quant.modules import QATConv2d, QATLinear, QATMixin
-from qat.quant.tokens import real_tokens
+from qat.quant.tokens import token_major
 
 Forward = Callable[[nn.Module, Any], Any]
 TokenMask = Callable[[Any], torch.Tensor | None]  # a batch's (B, T) real-token mask, or None
@@ -105,9 +105,10 @@ def _real_rows(mod: QATMixin, x: torch.Tensor, mask: torch.Tensor | None) -> tor
     """`layer_rows`, less the padded positions when `x` is laid out (B, T, features) like
     `mask`: a padded token's input never reaches the output, so it must not weigh on the
     Hessian."""
-    if isinstance(mod, QATConv2d):  # (B, C, H, W): no tokens
-        return layer_rows(mod, x)
-    return layer_rows(mod, real_tokens(x, mask))
+    rows = layer_rows(mod, x)  # quantized as the layer sees the batch, padding included
+    if mod.FEATURES_LAST and token_major(x, mask):
+        return rows[mask.reshape(-1).to(torch.bool)]
+    return rows
 
 
 def _measure(run: Callable[[Any], Any], items: list, layers: dict[str, QATMixin], stop: bool,

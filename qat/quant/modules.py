@@ -28,6 +28,9 @@ class QATMixin:
     # Input granularities the integer layer can factor out of its dot products.
     INTEGER_INPUTS: tuple[str, ...] = ("per_tensor",)
     OUTPUT_AXIS = 0  # the weight's output-channel dim (per-channel scales must lie along it)
+    # Activations laid out (..., features), so (B, T, features) in a token batch: their padded
+    # tokens can be told apart (`qat.quant.tokens`). Convolutions are channels-first.
+    FEATURES_LAST = True
 
     @staticmethod
     def weight_shapes(mod: nn.Module) -> list[tuple[int, ...]]:
@@ -157,6 +160,8 @@ class QATLinear(QATMixin, nn.Linear):
 
 
 class _QATConv(QATMixin):
+    FEATURES_LAST = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.quantized_weight(), self._qbias(self.bias)
         return self._qout(self._conv_forward(self._qin(x), w, b))
@@ -191,6 +196,7 @@ class QATConvTranspose2d(QATMixin, nn.ConvTranspose2d):
     """
 
     FLOAT_TYPE = nn.ConvTranspose2d
+    FEATURES_LAST = False
     OUTPUT_AXIS = 1
 
     def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:

@@ -15,30 +15,49 @@ import torch
 from torch import nn
 
 from qat.quant.fake_quant import FakeQuantizer
+from qat.quant.modules import QATMixin
+
+
+def token_major(x: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether `x` is laid out `(B, T, features)` like the `(B, T)` `mask` (the caller knows
+    its features come last: a convolution's `(B, C, L)` can match by shape alone)."""
+    return mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape
 
 
 def real_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """The `(N, features)` rows of `x` at real tokens when `x` is laid out `(B, T, features)`
-    like the `(B, T)` `mask`; otherwise `x` itself (images, attention maps, unpadded text).
+    """The `(N, features)` rows of a `(B, T, features)` `x` at the real tokens of `mask`;
+    `x` itself when it is not laid out like the mask.
 
     Example:
         >>> x = torch.arange(12.0).reshape(2, 3, 2)
         >>> real_tokens(x, torch.tensor([[1, 1, 0], [1, 0, 0]])).tolist()
         [[0.0, 1.0], [2.0, 3.0], [6.0, 7.0]]
     """
-    if mask is None or x.dim() != 3 or x.shape[:2] != mask.shape:
-        return x
-    return x[mask.to(torch.bool)]
+    return x[mask.to(torch.bool)] if token_major(x, mask) else x
+
+
+def _fed(model: nn.Module) -> list[FakeQuantizer]:
+    """The activation quantizers of features-last layers whose observers are on."""
+    out = []
+    for m in model.modules():
+        if isinstance(m, QATMixin) and m.FEATURES_LAST:
+            qs = (m.input_quant, m.output_quant)
+            out += [q for q in qs if q is not None and not q.spec.dynamic
+                    and bool(q.observer_enabled)]  # fmt: skip
+    return out
 
 
 @contextlib.contextmanager
 def observe_real_tokens(model: nn.Module, mask: torch.Tensor | None) -> Iterator[None]:
-    """Within the block, activation observers that would update see only `real_tokens` of
-    their input; weights and everything a forward computes are unchanged. `mask=None`: no-op.
+    """Within the block, the activation observers of features-last layers (linear layers,
+    embeddings; not convolutions or attention maps) that would update see only
+    `real_tokens` of their input; everything a forward computes is unchanged. `mask=None`:
+    no-op.
 
     Each such observer is switched off for the block and fed by a pre-forward hook instead,
     which updates it from the real tokens just before the quantizer runs, so the quantizer
     uses the scale those give (what its own observation would have done, less the padding).
+    Keep the block open through backward where activation checkpointing re-runs the forward.
 
     Example:
         >>> import qat
@@ -53,12 +72,13 @@ def observe_real_tokens(model: nn.Module, mask: torch.Tensor | None) -> Iterator
     if mask is None:
         yield
         return
-    fed = [q for q in model.modules() if isinstance(q, FakeQuantizer) and q.role != "weight"
-           and not q.spec.dynamic and bool(q.observer_enabled)]  # fmt: skip
+    fed = _fed(model)
 
+    @torch.no_grad()
     def observe(q: FakeQuantizer, args: tuple) -> None:
-        if q.takes_observations():
-            q.observe(real_tokens(args[0], mask))
+        x = real_tokens(args[0].detach(), mask)
+        if q.takes_observations() and x.numel():  # a batch of padding alone: nothing to see
+            q.observe(x)
 
     hooks = [q.register_forward_pre_hook(observe) for q in fed]
     for q in fed:

@@ -15,15 +15,15 @@ from qat.quant.recipe import Recipe
 from qat.sensitivity.width import Width
 
 
-def at_width(recipe: dict[str, Any], width: Width, grouped: list[str]) -> dict[str, Any]:
+def at_width(recipe: dict[str, Any], width: Width, grouped: set[str]) -> dict[str, Any]:
     """`recipe` with every rule's weight spec at `width.bits` and, when the width has a group
     size, the per-group layers `grouped` at that size (what the scan measures).
 
     Example:
         >>> r = {"rules": [{"match": {"types": ["Linear"]}, "weight": {"bits": 4}}]}
-        >>> at_width(r, Width(8), [])["rules"]
+        >>> at_width(r, Width(8), set())["rules"]
         [{'match': {'types': ['Linear']}, 'weight': {'bits': 8}}]
-        >>> at_width(r, Width(2, 64), ["fc1"])["rules"][1]
+        >>> at_width(r, Width(2, 64), {"fc1"})["rules"][1]
         {'match': {'names': ['fc1']}, 'weight': {'group_size': 64}}
     """
     out = copy.deepcopy(recipe)
@@ -47,6 +47,11 @@ def mixed_recipe(base: dict[str, Any], widths: dict[str, Width], grouped: set[st
         ...              "mixed")["rules"][1:]
         [{'match': {'names': ['fc1', 'fc3']}, 'weight': {'bits': 3}}, \
 {'match': {'names': ['fc2']}, 'weight': {'bits': 8}}]
+        >>> g = {"rules": [{"match": {"types": ["Linear"]}, "weight": {"bits": 4,
+        ...      "granularity": "per_group", "group_size": 32}}]}
+        >>> [rule["weight"] for rule in mixed_recipe(g, {"fc1": Width(3, 64), "fc2": Width(3, 64)},
+        ...                                          {"fc1"}, "mixed")["rules"][1:]]
+        [{'bits': 3}, {'bits': 3, 'group_size': 64}]
     """
     out = copy.deepcopy(base)
     out["description"] = description

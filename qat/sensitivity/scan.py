@@ -75,6 +75,22 @@ def _switch(mods: list[QATMixin], on: bool) -> None:
 
 
 @torch.no_grad()
+def _measure(g: Group, width: Width, mods: list[QATMixin], model: nn.Module,
+             evaluate: Callable[[nn.Module], float], base: float, measure: str,
+             total: int) -> None:  # fmt: skip
+    """Group `g`'s bytes, SQNR and cost at `width`, its weights `mods` of `model` quantized."""
+    g.bytes[width] = sum(weight_bytes(m.weight_quant.spec, tuple(m.weight.shape)) for m in mods)
+    _switch(mods, True)
+    signal, noise = map(sum, zip(*(_sqnr(m) for m in mods), strict=True))
+    g.sqnr[width] = 10 * torch.log10(torch.tensor(signal / max(noise, 1e-30))).item()
+    if measure != "sqnr":  # the loss, or the KL from the float outputs
+        g.delta[width] = float(evaluate(model)) - base
+    else:  # noise-to-signal weighted by the group's share of the weights
+        g.delta[width] = noise / max(signal, 1e-30) * g.weights / total
+    _switch(mods, False)
+
+
+@torch.no_grad()
 def scan(
     models: dict[Width, nn.Module],
     layers: list[str],
@@ -121,18 +137,16 @@ def scan(
     groups, done, steps = [], 0, len(names) * len(models)
     for name, members in names.items():
         g = Group(name, members, sum(m.weight.numel() for m in _weights(any_model, members)))
+        seen: dict[tuple, Width] = {}  # the members' specs -> the width that measured them
         for width, model in sorted(models.items()):
             mods = _weights(model, members)
-            g.bytes[width] = sum(weight_bytes(m.weight_quant.spec, tuple(m.weight.shape))
-                                for m in mods)  # fmt: skip
-            _switch(mods, True)
-            signal, noise = map(sum, zip(*(_sqnr(m) for m in mods), strict=True))
-            g.sqnr[width] = 10 * torch.log10(torch.tensor(signal / max(noise, 1e-30))).item()
-            if measure != "sqnr":  # the loss, or the KL from the float outputs
-                g.delta[width] = float(evaluate(model)) - base
-            else:  # noise-to-signal weighted by the group's share of the weights
-                g.delta[width] = noise / max(signal, 1e-30) * g.weights / total
-            _switch(mods, False)
+            specs = tuple(m.weight_quant.spec for m in mods)
+            if specs in seen:  # a group size on layers that are not per-group: the same format
+                w = seen[specs]
+                g.bytes[width], g.sqnr[width], g.delta[width] = g.bytes[w], g.sqnr[w], g.delta[w]
+            else:
+                seen[specs] = width
+                _measure(g, width, mods, model, evaluate, base, measure, total)
             done += 1
             if progress is not None:
                 progress(done, steps)

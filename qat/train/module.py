@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import warnings
@@ -136,6 +137,8 @@ class QATModule(L.LightningModule):
             set_dropout(model, dropout)
         if activation_checkpointing:
             enable_activation_checkpointing(model)
+        self.recomputes = activation_checkpointing
+        self._observing = contextlib.ExitStack()
         self.objective = check_objective(objective)
         self.lr, self.weight_decay, self.quant_lr_mult = lr, weight_decay, quant_lr_mult
         if optimizer not in ("adamw", "sgd"):
@@ -183,9 +186,25 @@ class QATModule(L.LightningModule):
             return model_forward(self.objective, self.teacher.to(self.device), batch)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        # Observers still updating (before freeze_observers) see the real tokens only.
-        with observe_real_tokens(self.model, token_mask(self.objective, batch)):
-            out = self(batch)
+        # Observers still updating (before freeze_observers) see the real tokens only; with
+        # activation checkpointing also in the forward that backward re-runs, so until
+        # on_after_backward.
+        real = observe_real_tokens(self.model, token_mask(self.objective, batch))
+        if not self.recomputes:
+            with real:
+                return self._training_loss(batch)
+        self._observing.enter_context(real)
+        try:
+            return self._training_loss(batch)
+        except BaseException:
+            self._observing.close()
+            raise
+
+    def on_after_backward(self) -> None:
+        self._observing.close()
+
+    def _training_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = self(batch)
         loss = objective_loss(
             self.objective,
             out,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from qat.export import read_manifest
 from qat.export.onnx.ops import writes_dynamic
 from qat.quant.plan import Plan
 from qat.quant.recipe import Recipe
+from qat.sensitivity.mixed_recipe import at_width
+from qat.sensitivity.width import candidates, is_grouped
 from qat.train.checkpoint import Checkpoint, check_meta, find_last_checkpoint, objective_of
 from qat.train.model_spec import ModelSpec
 
@@ -257,7 +260,7 @@ def _train_job(cfg: DictConfig, base: dict[str, Any]) -> Job:
         raise ValueError("task=ptq quantizes a float model: drop ckpt_path (init_from=<float "
                          "checkpoint> starts from a trained float model)")
     if command == "sensitivity":
-        _check_sensitivity(cfg, resume, recipe, plan)
+        _check_sensitivity(cfg, resume, recipe, plan, probe)
     job = Job(cfg, command, plan=plan, resume=resume, init_from=init_from, **base)
     if weight_method(job) == "gptq" and command != "sensitivity":
         if "ptq" not in cfg:
@@ -270,7 +273,7 @@ def _train_job(cfg: DictConfig, base: dict[str, Any]) -> Job:
 
 
 def _check_sensitivity(cfg: DictConfig, resume: Checkpoint | None, recipe: Recipe,
-                       plan: Plan) -> None:  # fmt: skip
+                       plan: Plan, probe: Any) -> None:  # fmt: skip
     sens = cfg.get("sensitivity")
     if sens is None:
         raise ValueError("task=sensitivity needs the sensitivity config group: add "
@@ -281,11 +284,7 @@ def _check_sensitivity(cfg: DictConfig, resume: Checkpoint | None, recipe: Recip
     if recipe.is_float():
         raise ValueError(f"recipe={cfg.get('recipe_name')} quantizes nothing: task=sensitivity "
                          "varies the weight widths of a quantizing recipe (e.g. recipe=w4g32)")
-    bits = list(sens.get("bits") or [])
-    if not bits or not all(isinstance(b, int) and not isinstance(b, bool) and 2 <= b <= 8
-                           for b in bits) or len(set(bits)) != len(bits):  # fmt: skip
-        raise ValueError(f"sensitivity.bits: got {bits!r}; allowed: distinct integers in "
-                         "[2, 8], e.g. [2, 3, 4, 8]")
+    bits = _int_list(sens, "bits", 2, 8, "[2, 3, 4, 8]")
     keys = ("budget_bits_per_weight", "budget_mib", "budget_uniform_bits", "budget_recipe")
     budgets = [k for k in keys if sens.get(k) not in (None, False)]
     if len(budgets) != 1:
@@ -293,23 +292,62 @@ def _check_sensitivity(cfg: DictConfig, resume: Checkpoint | None, recipe: Recip
                          "budget_mib, budget_uniform_bits (e.g. 4: the size with every scanned "
                          "weight at 4 bits), budget_recipe=true (the size the recipe itself "
                          f"gives them); got {budgets or 'none'}")
-    if sens.get("activations", "float") not in ("float", "recipe"):
-        raise ValueError(f"sensitivity.activations: got {sens.activations!r}; allowed: float, "
-                         "recipe")
-    sizes = list(sens.get("group_sizes") or [])
-    if sizes and (not all(isinstance(g, int) and not isinstance(g, bool) and g >= 1
-                          for g in sizes) or len(set(sizes)) != len(sizes)):  # fmt: skip
-        raise ValueError(f"sensitivity.group_sizes: got {sizes!r}; allowed: null or distinct "
-                         "positive integers, e.g. [32, 64]")
-    if sizes and not any(lp.specs["weight"].granularity == "per_group"
-                         for lp in plan.quantized() if lp.specs.get("weight")):  # fmt: skip
-        raise ValueError(f"sensitivity.group_sizes: recipe={cfg.get('recipe_name')} has no "
-                         "per_group weights to vary the group size of: set it to null, or "
-                         "scan a per-group recipe (e.g. recipe=w4g32)")
     uniform = sens.get("budget_uniform_bits")
     if uniform is not None and uniform not in bits:
         raise ValueError(f"sensitivity.budget_uniform_bits: got {uniform!r}; allowed: one of "
                          f"sensitivity.bits {bits}")
+    _check_scan_activations(cfg, sens, plan)
+    _check_candidates(cfg, sens, plan, probe, bits)
+
+
+def _int_list(sens: DictConfig, key: str, low: int, high: int | None, example: str) -> list[int]:
+    value = sens.get(key)
+    ok = isinstance(value, Sequence) and not isinstance(value, str) and all(
+        isinstance(v, int) and not isinstance(v, bool) and low <= v <= (high or v)
+        for v in value) and len(set(value)) == len(value)  # fmt: skip
+    if not ok or (key == "bits" and not value):
+        span = f"in [{low}, {high}]" if high else f">= {low}"
+        raise ValueError(f"sensitivity.{key}: got {value!r}; allowed: a list of distinct "
+                         f"integers {span}, e.g. {example}")
+    return list(value)
+
+
+def _check_scan_activations(cfg: DictConfig, sens: DictConfig, plan: Plan) -> None:
+    """`activations=recipe` must have activation quantizers to keep on, and forward passes."""
+    mode = sens.get("activations", "float")
+    if mode not in ("float", "recipe"):
+        raise ValueError(f"sensitivity.activations: got {mode!r}; allowed: float, recipe")
+    if mode == "recipe" and sens.get("measure") == "sqnr":
+        raise ValueError("sensitivity.activations=recipe: measure=sqnr looks at weights alone; "
+                         "use measure=loss or kl, or activations=float")
+    if mode == "recipe" and not any(lp.specs.get(r) for lp in plan.quantized()
+                                    for r in ("input", "output")):  # fmt: skip
+        raise ValueError(f"sensitivity.activations=recipe: recipe={cfg.get('recipe_name')} "
+                         "quantizes no activations; use activations=float")
+
+
+def _check_candidates(cfg: DictConfig, sens: DictConfig, plan: Plan, probe: Any,
+                      bits: list[int]) -> None:  # fmt: skip
+    """Every candidate width plans on the model (a group size must divide each per-group
+    layer's rows), so none fails after the float model has trained."""
+    sizes = _int_list(sens, "group_sizes", 1, None, "[32, 64]") if sens.get("group_sizes") \
+        is not None else []  # fmt: skip
+    specs = {lp.name: lp.specs["weight"] for lp in plan.quantized() if lp.specs.get("weight")}
+    grouped = {name for name, spec in specs.items() if is_grouped(spec)}
+    if sizes and not grouped:
+        raise ValueError(f"sensitivity.group_sizes: recipe={cfg.get('recipe_name')} has no "
+                         "per_group weights to vary the group size of: set it to null, or "
+                         "scan a per-group recipe (e.g. recipe=w4g32)")
+    base = OmegaConf.to_container(cfg.recipe, resolve=True)
+    for width in candidates(bits, sizes):
+        try:
+            qat.plan(probe, at_width(base, width, grouped))
+        except ValueError as e:
+            what = f"{width.bits}-bit weights" + (f" in groups of {width.group_size}"
+                                                  if width.group_size else "")  # fmt: skip
+            key = "group_sizes" if width.group_size else "bits"
+            raise ValueError(f"sensitivity.{key}: {what} do not fit recipe="
+                             f"{cfg.get('recipe_name')}: {e}") from None
 
 
 def _eval_job(cfg: DictConfig, base: dict[str, Any]) -> Job:

@@ -30,6 +30,7 @@ from qat.sensitivity import Width, candidates, mixed_recipe, scan, write_recipe
 from qat.sensitivity.choice import Choice
 from qat.sensitivity.mixed_recipe import at_width
 from qat.sensitivity.report import write_plot, write_tables
+from qat.sensitivity.width import is_grouped
 from qat.train.artifacts import export_trained, float_model_of, model_from_checkpoint
 from qat.train.callbacks import QATScheduleCallback
 from qat.train.checkpoint import Checkpoint, check_meta, model_state
@@ -240,11 +241,8 @@ def _budget(sens: DictConfig, groups: list, job: Job, model: torch.nn.Module) ->
 
 def _recipe_widths(groups: list, job: Job, sizes: list[int]) -> dict[str, Width] | None:
     """Group -> the width the recipe itself gives it, to set beside the mixed choice; None
-    when a group's layers differ in width or one is not a candidate. With candidate group
-    `sizes`, a layer that is not per-group measures the same at each, so it takes the first."""
-    own = {name: Width(spec.bits, (spec.group_size if spec.granularity == "per_group"
-                                   else sizes[0]) if sizes else 0)
-           for name, spec in _weight_specs(job).items()}  # fmt: skip
+    when a group's layers differ in width or one is not a candidate."""
+    own = {name: Width.of(spec, sizes) for name, spec in _weight_specs(job).items()}
     out = {}
     for g in groups:
         widths = {own[n] for n in g.layers}
@@ -266,15 +264,10 @@ def sensitivity_command(job: Job) -> dict[str, Any]:
     forward = lambda m, b: model_forward(job.objective, m, b)  # noqa: E731
     base = OmegaConf.to_container(cfg.recipe, resolve=True)  # as the user wrote it
     specs, sizes = _weight_specs(job), list(sens.get("group_sizes") or [])
-    grouped = {name for name, spec in specs.items() if spec.granularity == "per_group"}
+    grouped = {name for name, spec in specs.items() if is_grouped(spec)}
     models = {}
-    for width in candidates(list(sens.bits), sizes):
-        try:
-            model = qat.prepare(copy.deepcopy(float_model), at_width(base, width, grouped))
-        except ValueError as e:
-            raise ValueError(f"sensitivity: {width.bits}-bit weights"
-                             + (f" in groups of {width.group_size}" if width.group_size else "")
-                             + f" do not fit recipe={cfg.get('recipe_name')}: {e}") from None
+    for width in candidates(list(sens.bits), sizes):  # each fits: preflight planned them all
+        model = qat.prepare(copy.deepcopy(float_model), at_width(base, width, grouped))
         calibrate(model, cal, len(cal), forward, partial(token_mask, job.objective))
         models[width] = model
     layers = list(specs)

@@ -12,6 +12,7 @@ import torch
 import qat
 from qat.quant import quantizers
 from qat.quant.calibrate import calibrate
+from qat.quant.tokens import observe_real_tokens
 from qat.train.module import QATModule
 from tests.train.test_dropout import tiny_encoder
 
@@ -72,16 +73,52 @@ def test_calibration_ranges_are_those_of_the_sentences_alone():
         torch.testing.assert_close(masked[name], ranges, rtol=1e-5, atol=1e-5)
 
 
-def test_training_steps_observe_only_real_tokens():
+def _one_step(batch, observer="ema", checkpointing=False) -> tuple[dict, dict, float]:
+    """Input ranges after calibration and after one training step (with its backward)."""
+    student = qat.prepare(tiny_encoder(), _recipe(observer))
+    calibrate(student, [_batches()[0]], 1, _forward, lambda b: b["attention_mask"])
+    before = _input_ranges(student)
+    module = QATModule(student, objective="embedding", teacher=tiny_encoder(), dropout=0.0,
+                       activation_checkpointing=checkpointing).train()  # fmt: skip
+    loss = module.training_step(copy.deepcopy(batch), 0)
+    loss.backward()  # activation checkpointing re-runs the forward here
+    module.on_after_backward()
+    return before, _input_ranges(student), loss.item()
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_training_steps_observe_only_real_tokens(checkpointing):
     """Before `freeze_observers` an EMA observer moves on every training step: there too the
-    padding is left out, and the loss (which never reads it) is unchanged by it."""
-    states, losses = [], []
+    padding is left out (with activation checkpointing, in the forward backward re-runs as
+    well), and the loss, which never reads it, is unchanged by it."""
+    (before, a, loss_a), (_, b, loss_b) = (_one_step(x, checkpointing=checkpointing)
+                                           for x in _batches())  # fmt: skip
+    assert any(not torch.equal(before[n], a[n]) for n in a)  # the step did observe
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+
+
+def test_a_plain_forward_would_let_the_padding_in():
+    """The control of the test above: the same step's forward without the mask."""
+    states = []
     for batch in _batches():
         student = qat.prepare(tiny_encoder(), _recipe("ema"))
         calibrate(student, [_batches()[0]], 1, _forward, lambda b: b["attention_mask"])
-        module = QATModule(student, objective="embedding", teacher=tiny_encoder(),
-                           dropout=0.0).train()  # fmt: skip
-        losses.append(module.training_step(copy.deepcopy(batch), 0).item())
+        _forward(student.train(), batch)
         states.append(_input_ranges(student))
-    assert all(torch.equal(states[0][n], states[1][n]) for n in states[0])
-    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    assert any(not torch.equal(states[0][n], states[1][n]) for n in states[0])
+
+
+def test_observers_are_restored_after_an_error_and_learned_scales_left_to_the_optimizer():
+    model = qat.prepare(tiny_encoder(), {"rules": [{"match": {"types": ["Linear"]},
+        "input": {"bits": 8, "observer": "minmax", "learn": "lsq"}}]})  # fmt: skip
+    batch = _batches()[0]
+    calibrate(model, [batch], 1, _forward, lambda b: b["attention_mask"])
+    scales = {n: q.scale.detach().clone() for n, q in quantizers(model).items()}
+    with pytest.raises(RuntimeError, match="boom"), \
+            observe_real_tokens(model.train(), batch["attention_mask"]):
+        _forward(model, batch)  # calibrated and on: the optimizer owns these scales
+        raise RuntimeError("boom")
+    assert all(torch.equal(q.scale, scales[n]) for n, q in quantizers(model).items())
+    assert all(bool(q.observer_enabled) for q in quantizers(model).values())
+    assert not any(q._forward_pre_hooks for q in quantizers(model).values())

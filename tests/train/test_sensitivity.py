@@ -128,13 +128,21 @@ def test_candidate_group_sizes_trade_scale_bytes_for_bits(tmp_path, data_dir):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["sensitivity.bits=[4,9]"], r"sensitivity.bits: got \[4, 9\]; allowed: distinct integers"),
+    (["sensitivity.bits=[4,9]"], r"sensitivity.bits: got \[4, 9\]; allowed: a list of distinct"),
+    (["sensitivity.bits=4"], r"sensitivity.bits: got 4; allowed: a list"),
     ([], "set exactly one of budget_bits_per_weight"),
     (["sensitivity.budget_mib=1", "sensitivity.budget_uniform_bits=4"], "got .*budget_mib"),
     (["sensitivity.budget_recipe=true", "sensitivity.budget_mib=1"], "got .*budget_recipe"),
     (["sensitivity.budget_uniform_bits=3"], "budget_uniform_bits: got 3; allowed: one of"),
     (["sensitivity.budget_mib=1", "recipe=fp32"], "quantizes nothing: task=sensitivity"),
     (["sensitivity.budget_mib=1", "sensitivity.group_sizes=[32,32]"], "group_sizes: got"),
+    (["sensitivity.budget_mib=1", "sensitivity.group_sizes=32"], "group_sizes: got 32; allowed"),
+    (["sensitivity.budget_mib=1", "sensitivity.group_sizes=[48]"],
+     "sensitivity.group_sizes: 2-bit weights in groups of 48 do not fit recipe=w4g32_a8dyn"),
+    (["sensitivity.budget_mib=1", "sensitivity.activations=recipe", "sensitivity.measure=sqnr"],
+     "measure=sqnr looks at weights alone"),
+    (["sensitivity.budget_mib=1", "sensitivity.activations=recipe", "recipe=w4g32"],
+     "recipe=w4g32 quantizes no activations"),
     (["sensitivity.budget_mib=1", "sensitivity.activations=int8"], "activations: got 'int8'"),
     (["sensitivity.budget_mib=1", "sensitivity.group_sizes=[32]", "recipe=w8a8"],
      "recipe=w8a8 has no per_group weights"),
