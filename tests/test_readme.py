@@ -136,13 +136,21 @@ def _launched(args: list[str]) -> bool:
     return "trainer=ddp_cpu" in args or "trainer=fsdp_cpu" in args
 
 
+def _failure(stderr: str) -> str:
+    """The first traceback and the end of a launched run's stderr: when one rank dies, the
+    others' "connection closed" errors come last and the cause first."""
+    first = stderr.find("Traceback")
+    head = stderr[first:first + 3000] + "\n...\n" if 0 <= first < len(stderr) - 3000 else ""
+    return head + stderr[-3000:]
+
+
 def _run(args: list[str], data_dir: Path, capfd) -> str:
     exp = next((a.split("=")[1] for a in args if a.startswith("experiment=")), "digits_w4a4")
     argv = [*_fill(args), *SIZES[exp], "threads=1", f"paths.data_dir={data_dir}"]
     if _launched(args):  # DDP and FSDP re-run the command line: a process of its own
         proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv],
                               capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.returncode == 0, _failure(proc.stderr)
         return proc.stdout + proc.stderr
     sys.argv = [str(ROOT / "train.py"), *argv]
     try:
