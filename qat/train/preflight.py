@@ -343,11 +343,10 @@ def _check_candidates(cfg: DictConfig, sens: DictConfig, plan: Plan, probe: Any,
         try:
             qat.plan(probe, at_width(base, width, grouped))
         except ValueError as e:
-            what = f"{width.bits}-bit weights" + (f" in groups of {width.group_size}"
-                                                  if width.group_size else "")  # fmt: skip
-            key = "group_sizes" if width.group_size else "bits"
-            raise ValueError(f"sensitivity.{key}: {what} do not fit recipe="
-                             f"{cfg.get('recipe_name')}: {e}") from None
+            what = (f"bits: {width.bits}-bit weights" if not width.group_size else
+                    f"group_sizes: groups of {width.group_size}")  # fmt: skip
+            raise ValueError(f"sensitivity.{what} do not fit recipe={cfg.get('recipe_name')}: "
+                             f"{e}") from None
 
 
 def _eval_job(cfg: DictConfig, base: dict[str, Any]) -> Job:

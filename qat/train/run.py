@@ -279,25 +279,14 @@ def sensitivity_command(job: Job) -> dict[str, Any]:
                              str(sens.group_by), measure, advance,
                              activations=sens.get("activations", "float") == "recipe")
     budget = _budget(sens, groups, job, float_model)
-    try:
-        choice = Choice.under(groups, budget)
-    except ValueError as e:
-        raise ValueError(f"sensitivity: {e}") from None
-    path = Path(sens.out) if sens.out else job.out_dir / "mixed_recipe.yaml"
+    _check_budget(groups, budget)
+    choice = Choice.under(groups, budget)
+    path = Path(sens.out).resolve() if sens.out else job.out_dir / "mixed_recipe.yaml"
     recipe = mixed_recipe(base, choice.layer_widths(), grouped, choice.description())
-    header = [
-        "Written by `python train.py task=sensitivity` "
-        f"(recipe={cfg.get('recipe_name')}, model={job.model.builder}, seed={cfg.seed}).",
-        f"Each {sens.group_by}'s weights quantized alone at {'/'.join(map(str, sorted(models)))}"
-        f" bits{' (NgM: groups of M)' if sizes else ''}, the rest float "
-        f"({sens.measure} on {len(val)} validation batches; with float weights and "
-        f"{sens.get('activations', 'float')} activations {loss0:.4f}),",
-        f"then a knapsack for the budget {budget / 2**20:.4f} MiB "
-        f"({choice.bits_per_weight(budget):.3f} bits per scanned weight, scales included):",
-        f"chosen {choice.size / 2**20:.4f} MiB ({choice.bits_per_weight():.3f} bits per "
-        f"weight), predicted {sens.measure} change +{choice.predicted:.4g} (summed over groups).",
-    ]
+    header = _scan_header(job, sorted(models), len(val), loss0, choice, budget)
     files = {"recipe": str(write_recipe(path, recipe, header))}
+    if float_ckpt:
+        files["checkpoint"] = str(float_ckpt)  # the float model: init_from= for the next run
     md, csv_path = write_tables(groups, choice.widths, job.out_dir)
     files.update(table=str(md), csv=str(csv_path))
     plot = write_plot(groups, choice.widths, job.out_dir / "sensitivity.png",
@@ -305,25 +294,65 @@ def sensitivity_command(job: Job) -> dict[str, Any]:
     if plot is not None:
         files["plot"] = str(plot)
     uniform, widths = choice.uniform(), _recipe_widths(groups, job, sizes)
-    own, parts = None, [f"mixed {choice.bits_per_weight():.3f} bits/weight +{choice.predicted:.4g}"]
+    own = None
     if widths:
         n, d = choice.at(widths)
         own = {"size_bytes": n, "predicted_change": d}
-        parts.append(f"recipe {choice.bits_per_weight(n):.3f} +{d:.4g}")
-    parts.append("uniform " + ", ".join(f"{w}: {choice.bits_per_weight(n):.3f} +{d:.4g}"
-                                        for w, (n, d) in uniform.items()))  # fmt: skip
     say(f"sensitivity: {len(groups)} groups x {len(models)} widths in "
-        f"{time.perf_counter() - start:.1f} s; " + "; ".join(parts))
+        f"{time.perf_counter() - start:.1f} s; {_scan_line(choice, own, uniform)}")
     summary = {"float": results, "float_checkpoint": float_ckpt, "base_loss": loss0,
                "budget_bytes": budget, "size_bytes": choice.size,
                "predicted_change": choice.predicted, "weights": choice.weights,
                "chosen": {g: str(w) for g, w in choice.widths.items()}, "files": files,
                "recipe_widths": own,
                "uniform": {str(w): {"size_bytes": n, "predicted_change": d}
-                           for w, (n, d) in uniform.items()}}  # fmt: skip
+                           for w, (n, d) in uniform.items()},
+               "settings": OmegaConf.to_container(sens, resolve=True)}  # fmt: skip
     files["summary"] = str(write_json(job.out_dir / "sensitivity.json", summary))
     print_summary({}, job.objective, files)
     return summary
+
+
+def _check_budget(groups: list, budget: float) -> None:
+    """The budget must hold every group at its smallest candidate."""
+    least, weights = sum(min(g.bytes.values()) for g in groups), sum(g.weights for g in groups)
+    if least > budget:
+        raise ValueError(
+            f"sensitivity: the budget, {budget / 2**20:.4f} MiB ({8 * budget / weights:.3f} bits "
+            f"per scanned weight), is below the smallest size the candidates allow, "
+            f"{least / 2**20:.4f} MiB ({8 * least / weights:.3f}): raise the budget, or add a "
+            "smaller width to sensitivity.bits (or a larger one to sensitivity.group_sizes)")
+
+
+def _scan_header(job: Job, widths: list, batches: int, loss0: float, choice: Choice,
+                 budget: float) -> list[str]:  # fmt: skip
+    """The written recipe's header comment: how it was made."""
+    cfg, sens = job.cfg, job.cfg.sensitivity
+    grouped = any(w.group_size for w in widths)
+    return [
+        "Written by `python train.py task=sensitivity` "
+        f"(recipe={cfg.get('recipe_name')}, model={job.model.builder}, seed={cfg.seed}).",
+        f"Each {sens.group_by}'s weights quantized alone at {'/'.join(map(str, widths))}"
+        f" bits{' (NgM: groups of M)' if grouped else ''}, the other weights float "
+        f"({sens.measure} on {batches} validation batches, from {loss0:.4g} with float weights "
+        f"and {sens.get('activations', 'float')} activations),",
+        f"then a knapsack for the budget {budget / 2**20:.4f} MiB "
+        f"({choice.bits_per_weight(budget):.3f} bits per scanned weight, scales included):",
+        f"chosen {choice.size / 2**20:.4f} MiB ({choice.bits_per_weight():.3f} bits per "
+        f"weight), predicted {sens.measure} change {choice.predicted:+.4g} (summed over groups).",
+    ]
+
+
+def _scan_line(choice: Choice, own: dict | None, uniform: dict) -> str:
+    """Bits per weight and predicted change: the mixed choice, the recipe's own widths, each
+    width uniform."""
+    parts = [f"mixed {choice.bits_per_weight():.3f} bits/weight {choice.predicted:+.4g}"]
+    parts.append(f"recipe {choice.bits_per_weight(own['size_bytes']):.3f} "
+                 f"{own['predicted_change']:+.4g}" if own else
+                 "recipe: its widths are not all candidates")  # fmt: skip
+    parts.append("uniform " + ", ".join(f"{w}: {choice.bits_per_weight(n):.3f} {d:+.4g}"
+                                        for w, (n, d) in uniform.items()))  # fmt: skip
+    return "; ".join(parts)
 
 
 def evaluate_command(job: Job) -> dict[str, Any]:

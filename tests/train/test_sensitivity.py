@@ -45,6 +45,8 @@ def test_the_mixed_recipe_fits_the_uniform_size_and_predicts_no_more_loss(scanne
     assert recipe.schedule.calibrate == 4  # the base recipe's settings carried over
     assert Path(s["files"]["table"]).read_text().startswith("| group | layers | weights |")
     assert json.loads(Path(s["files"]["summary"]).read_text())["chosen"] == s["chosen"]
+    assert s["files"]["checkpoint"] == s["float_checkpoint"]  # listed: init_from= for the next run
+    assert s["settings"]["bits"] == [2, 4, 8]
 
 
 def test_the_written_recipe_trains_and_exports_at_the_predicted_size(scanned):
@@ -87,7 +89,7 @@ def test_a_scan_beside_the_recipes_activations_measures_from_their_loss(tmp_path
     s = run(cfg)
     assert s["base_loss"] > 1e-4  # float activations: 0 within 1e-6
     assert s["uniform"]["2"]["predicted_change"] > s["uniform"]["8"]["predicted_change"]
-    assert "float weights and recipe activations" in Path(s["files"]["recipe"]).read_text()
+    assert "with float weights and recipe activations" in Path(s["files"]["recipe"]).read_text()
 
 
 def test_the_recipe_budget_is_the_size_of_the_recipes_own_widths(tmp_path, data_dir):
@@ -127,6 +129,16 @@ def test_candidate_group_sizes_trade_scale_bytes_for_bits(tmp_path, data_dir):
     assert planned == s["size_bytes"]
 
 
+def test_a_budget_below_the_smallest_candidates_says_so_in_bits_per_weight(scanned):
+    tmp, data_dir, s = scanned
+    cfg = compose_run_config(tmp, data_dir, GPT + SCAN + [
+        "sensitivity.budget_bits_per_weight=1", f"init_from={s['float_checkpoint']}"],
+        name="small")  # fmt: skip
+    with pytest.raises(ValueError, match=r"the budget, .* MiB \(1.000 bits per scanned weight\), "
+                                         r"is below the smallest .*\(2\.5\d\d\): raise"):
+        run(cfg)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["sensitivity.bits=[4,9]"], r"sensitivity.bits: got \[4, 9\]; allowed: a list of distinct"),
     (["sensitivity.bits=4"], r"sensitivity.bits: got 4; allowed: a list"),
@@ -138,7 +150,7 @@ def test_candidate_group_sizes_trade_scale_bytes_for_bits(tmp_path, data_dir):
     (["sensitivity.budget_mib=1", "sensitivity.group_sizes=[32,32]"], "group_sizes: got"),
     (["sensitivity.budget_mib=1", "sensitivity.group_sizes=32"], "group_sizes: got 32; allowed"),
     (["sensitivity.budget_mib=1", "sensitivity.group_sizes=[48]"],
-     "sensitivity.group_sizes: 2-bit weights in groups of 48 do not fit recipe=w4g32_a8dyn"),
+     "sensitivity.group_sizes: groups of 48 do not fit recipe=w4g32_a8dyn"),
     (["sensitivity.budget_mib=1", "sensitivity.activations=recipe", "sensitivity.measure=sqnr"],
      "measure=sqnr looks at weights alone"),
     (["sensitivity.budget_mib=1", "sensitivity.activations=recipe", "recipe=w4g32"],
