@@ -47,6 +47,10 @@ class Plan:
     def quantized(self) -> list[LayerPlan]:
         return [lp for lp in self.layers if lp.quantized]
 
+    def weight_specs(self) -> dict[str, QuantSpec]:
+        """Layer -> its weight's spec, for the layers whose weights are quantized."""
+        return {lp.name: lp.specs["weight"] for lp in self.quantized() if lp.specs.get("weight")}
+
     def notes(self) -> list[str]:
         """What this plan will cost that a user should know before calibration starts."""
         mse = [

@@ -30,7 +30,16 @@ class Choice:
 
     @classmethod
     def under(cls, groups: list[Group], budget: float) -> Choice:
-        """The least predicted change whose artifact bytes fit `budget` (a knapsack)."""
+        """The least predicted change whose artifact bytes fit `budget` (a knapsack);
+        `ValueError` if even the smallest candidates do not."""
+        least = sum(min(g.bytes.values()) for g in groups)
+        if least > budget:  # said in the units a user sets the budget in
+            bpw = 8 / sum(g.weights for g in groups)
+            raise ValueError(
+                f"the budget, {budget / 2**20:.4f} MiB ({budget * bpw:.3f} bits per scanned "
+                f"weight), is below the smallest size the candidates allow, {least / 2**20:.4f} "
+                f"MiB ({least * bpw:.3f}): raise the budget, or add a smaller width to "
+                "sensitivity.bits (or a larger one to sensitivity.group_sizes)")
         widths = sorted(groups[0].bytes)
         picks = choose([[(g.bytes[b], g.delta[b]) for b in widths] for g in groups], budget)
         chosen = {g.name: widths[i] for g, i in zip(groups, picks, strict=True)}

@@ -300,13 +300,16 @@ def _check_sensitivity(cfg: DictConfig, resume: Checkpoint | None, recipe: Recip
     _check_candidates(cfg, sens, plan, probe, bits)
 
 
-def _int_list(sens: DictConfig, key: str, low: int, high: int | None, example: str) -> list[int]:
+def _int_list(sens: DictConfig, key: str, low: int, high: int | None, example: str,
+              empty_ok: bool = False) -> list[int]:  # fmt: skip
+    """`sensitivity.<key>` as distinct integers in [low, high] (no upper bound: None)."""
     value = sens.get(key)
-    ok = isinstance(value, Sequence) and not isinstance(value, str) and all(
-        isinstance(v, int) and not isinstance(v, bool) and low <= v <= (high or v)
-        for v in value) and len(set(value)) == len(value)  # fmt: skip
-    if not ok or (key == "bits" and not value):
-        span = f"in [{low}, {high}]" if high else f">= {low}"
+    top = high if high is not None else float("inf")
+    listed = isinstance(value, Sequence) and not isinstance(value, str)
+    ok = listed and (empty_ok or len(value) > 0) and len(set(value)) == len(value) and all(
+        isinstance(v, int) and not isinstance(v, bool) and low <= v <= top for v in value)
+    if not ok:
+        span = f"in [{low}, {high}]" if high is not None else f">= {low}"
         raise ValueError(f"sensitivity.{key}: got {value!r}; allowed: a list of distinct "
                          f"integers {span}, e.g. {example}")
     return list(value)
@@ -330,10 +333,9 @@ def _check_candidates(cfg: DictConfig, sens: DictConfig, plan: Plan, probe: Any,
                       bits: list[int]) -> None:  # fmt: skip
     """Every candidate width plans on the model (a group size must divide each per-group
     layer's rows), so none fails after the float model has trained."""
-    sizes = _int_list(sens, "group_sizes", 1, None, "[32, 64]") if sens.get("group_sizes") \
-        is not None else []  # fmt: skip
-    specs = {lp.name: lp.specs["weight"] for lp in plan.quantized() if lp.specs.get("weight")}
-    grouped = {name for name, spec in specs.items() if is_grouped(spec)}
+    sizes = [] if sens.get("group_sizes") is None else \
+        _int_list(sens, "group_sizes", 1, None, "[32, 64]", empty_ok=True)  # fmt: skip
+    grouped = {name for name, spec in plan.weight_specs().items() if is_grouped(spec)}
     if sizes and not grouped:
         raise ValueError(f"sensitivity.group_sizes: recipe={cfg.get('recipe_name')} has no "
                          "per_group weights to vary the group size of: set it to null, or "

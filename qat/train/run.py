@@ -220,11 +220,6 @@ def _validation_loss(job: Job, batches: list, teacher: torch.nn.Module, measure:
     return loss
 
 
-def _weight_specs(job: Job) -> dict[str, Any]:
-    """Scanned layer -> the weight spec the recipe gives it."""
-    return {lp.name: lp.specs["weight"] for lp in job.plan.quantized() if lp.specs.get("weight")}
-
-
 def _budget(sens: DictConfig, groups: list, job: Job, model: torch.nn.Module) -> float:
     """The budget in artifact bytes of the scanned weights, from whichever key is set."""
     if sens.get("budget_recipe") or sens.get("budget_uniform_bits") is not None:
@@ -233,7 +228,7 @@ def _budget(sens: DictConfig, groups: list, job: Job, model: torch.nn.Module) ->
         return float(sum(weight_bytes(spec if bits is None else
                                       dataclasses.replace(spec, bits=int(bits)),
                                       tuple(mods[name].weight.shape))
-                         for name, spec in _weight_specs(job).items()))  # fmt: skip
+                         for name, spec in job.plan.weight_specs().items()))  # fmt: skip
     if sens.get("budget_mib") is not None:
         return float(sens.budget_mib) * 2**20
     return float(sens.budget_bits_per_weight) * sum(g.weights for g in groups) / 8
@@ -242,7 +237,7 @@ def _budget(sens: DictConfig, groups: list, job: Job, model: torch.nn.Module) ->
 def _recipe_widths(groups: list, job: Job, sizes: list[int]) -> dict[str, Width] | None:
     """Group -> the width the recipe itself gives it, to set beside the mixed choice; None
     when a group's layers differ in width or one is not a candidate."""
-    own = {name: Width.of(spec, sizes) for name, spec in _weight_specs(job).items()}
+    own = {name: Width.of(spec, sizes) for name, spec in job.plan.weight_specs().items()}
     out = {}
     for g in groups:
         widths = {own[n] for n in g.layers}
@@ -263,7 +258,7 @@ def sensitivity_command(job: Job) -> dict[str, Any]:
     cal = list(islice(dm.train_dataloader(), int(sens.calibration_batches)))
     forward = lambda m, b: model_forward(job.objective, m, b)  # noqa: E731
     base = OmegaConf.to_container(cfg.recipe, resolve=True)  # as the user wrote it
-    specs, sizes = _weight_specs(job), list(sens.get("group_sizes") or [])
+    specs, sizes = job.plan.weight_specs(), list(sens.get("group_sizes") or [])
     grouped = {name for name, spec in specs.items() if is_grouped(spec)}
     models = {}
     for width in candidates(list(sens.bits), sizes):  # each fits: preflight planned them all
@@ -279,8 +274,10 @@ def sensitivity_command(job: Job) -> dict[str, Any]:
                              str(sens.group_by), measure, advance,
                              activations=sens.get("activations", "float") == "recipe")
     budget = _budget(sens, groups, job, float_model)
-    _check_budget(groups, budget)
-    choice = Choice.under(groups, budget)
+    try:
+        choice = Choice.under(groups, budget)
+    except ValueError as e:
+        raise ValueError(f"sensitivity: {e}") from None
     path = Path(sens.out).resolve() if sens.out else job.out_dir / "mixed_recipe.yaml"
     recipe = mixed_recipe(base, choice.layer_widths(), grouped, choice.description())
     header = _scan_header(job, sorted(models), len(val), loss0, choice, budget)
@@ -311,17 +308,6 @@ def sensitivity_command(job: Job) -> dict[str, Any]:
     files["summary"] = str(write_json(job.out_dir / "sensitivity.json", summary))
     print_summary({}, job.objective, files)
     return summary
-
-
-def _check_budget(groups: list, budget: float) -> None:
-    """The budget must hold every group at its smallest candidate."""
-    least, weights = sum(min(g.bytes.values()) for g in groups), sum(g.weights for g in groups)
-    if least > budget:
-        raise ValueError(
-            f"sensitivity: the budget, {budget / 2**20:.4f} MiB ({8 * budget / weights:.3f} bits "
-            f"per scanned weight), is below the smallest size the candidates allow, "
-            f"{least / 2**20:.4f} MiB ({8 * least / weights:.3f}): raise the budget, or add a "
-            "smaller width to sensitivity.bits (or a larger one to sensitivity.group_sizes)")
 
 
 def _scan_header(job: Job, widths: list, batches: int, loss0: float, choice: Choice,
